@@ -1,0 +1,448 @@
+"""Data formats every stage reads, normalised to TRL's conversational formats.
+
+Instruction data (SFT) becomes prompt/completion conversations::
+
+    {"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", "content": ...}]}
+
+Preference data (reward, DPO) becomes::
+
+    {"prompt": [...messages], "chosen": [{"role": "assistant", ...}], "rejected": [...], "margin": float?}
+
+Bad input raises :class:`DataError` naming the file, the line and the field, before anything is
+written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+Messages = list[dict[str, str]]
+
+
+class DataError(ValueError):
+    """A record that cannot be used, located by file, line and field."""
+
+    def __init__(self, source: str | Path, line: int | None, field: str | None, message: str):
+        self.source, self.line, self.field, self.message = str(source), line, field, message
+        where = self.source + (f":{line}" if line is not None else "")
+        what = f" field '{field}'" if field else ""
+        super().__init__(f"{where}:{what} {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading records with their line numbers
+
+
+def _open_text(path: Path) -> str:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    return path.read_text(encoding="utf-8")
+
+
+def _json_array_with_lines(text: str, path: Path) -> list[tuple[int, Any]]:
+    """Parse a JSON array, remembering the line each element starts on."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    out = []
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise DataError(path, text.count("\n", 0, pos) + 1, None, "unterminated JSON array")
+        if text[pos] == "]":
+            return out
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(path, text.count("\n", 0, e.pos) + 1, None, f"invalid JSON: {e.msg}") from None
+        out.append((line, obj))
+        pos = end
+
+
+def read_records(path: str | Path) -> list[tuple[int, Any]]:
+    """Records of a JSON array or JSONL file (optionally .gz) as ``(line_number, record)``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "file not found")
+    text = _open_text(path)
+    if text.lstrip().startswith("["):
+        return _json_array_with_lines(text, path)
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(path, i, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if not records:
+        raise DataError(path, None, None, "no records found")
+    return records
+
+
+def read_dataset_rows(source: str | Path, split: str = "train") -> list[tuple[int | None, Any]]:
+    """Rows of a local file, a local HF dataset directory, or a Hub dataset name."""
+    p = Path(str(source))
+    if p.is_file():
+        return read_records(p)
+    import datasets
+
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(p))
+        else:
+            ds = datasets.load_dataset(str(p))
+    else:
+        if "/" not in str(source) and not str(source).replace("-", "").replace("_", "").isalnum():
+            raise DataError(source, None, None, "not a file, a dataset directory or a Hub dataset name")
+        try:
+            ds = datasets.load_dataset(str(source))
+        except Exception as e:  # the Hub is unreachable, or no such dataset
+            raise DataError(source, None, None, f"could not load as a local file or Hub dataset: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(source, None, None, f"no split '{split}' (has {', '.join(ds)})")
+        ds = ds[split]
+    return [(None, dict(r)) for r in ds]
+
+
+def _require_text(rec: dict, key: str, path, line, allow_empty: bool = False) -> str:
+    if key not in rec:
+        raise DataError(path, line, key, "missing")
+    value = rec[key]
+    if value is None and allow_empty:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(path, line, key, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(path, line, key, "is empty")
+    return value
+
+
+def _require_dict(rec: Any, path, line) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(path, line, None, f"expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def _check_messages(value: Any, path, line, key: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise DataError(path, line, key, "expected a non-empty list of {role, content} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(path, line, f"{key}[{i}]", "expected an object with 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(path, line, f"{key}[{i}].role", f"unknown role {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise DataError(path, line, f"{key}[{i}].content", "expected a string")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction data (SFT)
+
+SFT_FORMATS = ("auto", "alpaca", "prompt_completion", "messages")
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """The user turn of an Alpaca record: the instruction, then its input (if any)."""
+    instruction, input_text = instruction.strip(), (input_text or "").strip()
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
+def detect_sft_format(rec: dict) -> str:
+    if "messages" in rec:
+        return "messages"
+    if "instruction" in rec:
+        return "alpaca"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    return "alpaca"  # the documented default: errors then name the missing Alpaca fields
+
+
+def sft_example(rec: Any, fmt: str, path, line) -> dict:
+    rec = _require_dict(rec, path, line)
+    if fmt == "auto":
+        fmt = detect_sft_format(rec)
+    if fmt == "alpaca":
+        instruction = _require_text(rec, "instruction", path, line)
+        input_text = _require_text(rec, "input", path, line, allow_empty=True) if "input" in rec else ""
+        output = _require_text(rec, "output", path, line)
+        prompt = [{"role": "user", "content": alpaca_prompt(instruction, input_text)}]
+        if rec.get("system"):
+            prompt.insert(0, {"role": "system", "content": _require_text(rec, "system", path, line)})
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": output}]}
+    if fmt == "prompt_completion":
+        prompt, completion = rec.get("prompt"), rec.get("completion")
+        if prompt is None:
+            raise DataError(path, line, "prompt", "missing")
+        if completion is None:
+            raise DataError(path, line, "completion", "missing")
+        prompt = [{"role": "user", "content": _require_text(rec, "prompt", path, line)}] if isinstance(prompt, str) else _check_messages(prompt, path, line, "prompt")
+        completion = [{"role": "assistant", "content": _require_text(rec, "completion", path, line)}] if isinstance(completion, str) else _check_messages(completion, path, line, "completion")
+        return {"prompt": prompt, "completion": completion}
+    if fmt == "messages":
+        if "messages" not in rec:
+            raise DataError(path, line, "messages", "missing")
+        messages = _check_messages(rec["messages"], path, line, "messages")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(path, line, "messages", "the last message must be the assistant's reply to learn")
+        if not messages[-1]["content"].strip():
+            raise DataError(path, line, f"messages[{len(messages) - 1}].content", "is empty")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    raise DataError(path, line, None, f"unknown format {fmt!r}; expected one of {', '.join(SFT_FORMATS)}")
+
+
+def load_sft_examples(source: str | Path, fmt: str = "auto", split: str = "train",
+                      on_bad_record: str = "error") -> tuple[list[dict], dict[str, int]]:
+    """Instruction data from Alpaca JSON/JSONL, prompt/completion JSONL, chat-messages JSONL,
+    a local HF dataset directory or a Hub dataset name, as prompt/completion conversations.
+
+    Returns the examples and the count of dropped records per reason. A file that is not valid
+    JSON always raises. A record with a missing, empty or mistyped field raises when
+    ``on_bad_record="error"``, or is dropped and counted when ``"drop"``.
+    """
+    if fmt not in SFT_FORMATS:
+        raise DataError(source, None, None, f"unknown format {fmt!r}; expected one of {', '.join(SFT_FORMATS)}")
+    if on_bad_record not in ("error", "drop"):
+        raise ValueError("on_bad_record must be 'error' or 'drop'")
+    examples, dropped = [], {}
+    for line, rec in read_dataset_rows(source, split):
+        try:
+            examples.append(sft_example(rec, fmt, source, line))
+        except DataError as e:
+            if on_bad_record == "error":
+                raise DataError(e.source, e.line, e.field,
+                                e.message + " (set on_bad_record=drop to skip and count such records)") from None
+            reason = f"{e.field or 'record'} {e.message}"
+            dropped[reason] = dropped.get(reason, 0) + 1
+    if not examples:
+        raise DataError(source, None, None, f"no usable examples (dropped: {dropped})")
+    return examples, dropped
+
+
+# --------------------------------------------------------------------------------------------
+# Preference data (reward model, DPO)
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def parse_hh_transcript(text: str) -> Messages:
+    """``"\\n\\nHuman: hi\\n\\nAssistant: hello"`` -> chat messages."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError("not an HH-RLHF transcript (expected '\\n\\nHuman: ... \\n\\nAssistant: ...')")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+
+
+def split_hh_pair(chosen: str, rejected: str) -> tuple[Messages, str, str]:
+    """An HH-RLHF pair -> (shared prompt messages, chosen final reply, rejected final reply)."""
+    c, r = parse_hh_transcript(chosen), parse_hh_transcript(rejected)
+    if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        raise ValueError("a transcript does not end with an Assistant turn")
+    if c[:-1] != r[:-1]:
+        raise ValueError("chosen and rejected transcripts do not share the same prompt")
+    return c[:-1], c[-1]["content"], r[-1]["content"]
+
+
+def _as_reply(value: Any, path, line, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        msgs = _check_messages(value, path, line, key)
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(path, line, key, "the last message must be the assistant's reply")
+        return msgs[-1]["content"]
+    raise DataError(path, line, key, f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+PAIR_DROP_REASONS = ("identical_replies", "empty_reply")
+
+
+@dataclass
+class PreferenceData:
+    pairs: list[dict]
+    dropped: dict[str, int]
+    format: str
+
+
+def preference_pair(rec: Any, path, line) -> tuple[dict, str]:
+    """One record -> (normalised pair, detected format). Malformed records raise DataError."""
+    rec = _require_dict(rec, path, line)
+    for key in ("chosen", "rejected"):
+        if key not in rec:
+            raise DataError(path, line, key, "missing")
+    if "prompt" not in rec:
+        if not (isinstance(rec["chosen"], str) and isinstance(rec["rejected"], str)):
+            raise DataError(path, line, "prompt", "missing (and chosen/rejected are not HH-RLHF transcripts)")
+        try:
+            prompt, chosen, rejected = split_hh_pair(rec["chosen"], rec["rejected"])
+        except ValueError as e:
+            raise DataError(path, line, "chosen", str(e)) from None
+        fmt = "hh-rlhf"
+    else:
+        p = rec["prompt"]
+        if isinstance(p, str):
+            if not p.strip():
+                raise DataError(path, line, "prompt", "is empty")
+            prompt = [{"role": "user", "content": p}]
+            fmt = "preference"
+        else:
+            prompt = _check_messages(p, path, line, "prompt")
+            fmt = "preference-conversational"
+        chosen = _as_reply(rec["chosen"], path, line, "chosen")
+        rejected = _as_reply(rec["rejected"], path, line, "rejected")
+    pair = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+    if "margin" in rec and rec["margin"] is not None:
+        if isinstance(rec["margin"], bool) or not isinstance(rec["margin"], (int, float)):
+            raise DataError(path, line, "margin", f"expected a number, got {rec['margin']!r}")
+        pair["margin"] = float(rec["margin"])
+    for key in ("aspects_chosen", "aspects_rejected", "item_id"):
+        if key in rec:
+            pair[key] = rec[key]
+    return pair, fmt
+
+
+def load_preferences(source: str | Path, on_bad_pair: str = "drop", split: str = "train") -> PreferenceData:
+    """Preference pairs from TRL preference JSONL (plain or conversational, optional ``margin``),
+    HH-RLHF transcripts, or an alignkit annotation export.
+
+    Structurally broken records (missing field, wrong type, bad JSON) always raise. Pairs that are
+    well formed but useless (identical replies, an empty reply) are dropped and counted when
+    ``on_bad_pair="drop"``, or raise when ``"error"``.
+    """
+    if on_bad_pair not in ("drop", "error"):
+        raise ValueError("on_bad_pair must be 'drop' or 'error'")
+    pairs, dropped, formats = [], {r: 0 for r in PAIR_DROP_REASONS}, set()
+    for line, rec in read_dataset_rows(source, split):
+        pair, fmt = preference_pair(rec, source, line)
+        formats.add(fmt)
+        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        reason = None
+        if not chosen.strip() or not rejected.strip():
+            reason = "empty_reply"
+            field = "chosen" if not chosen.strip() else "rejected"
+        elif chosen.strip() == rejected.strip():
+            reason, field = "identical_replies", "rejected"
+        if reason:
+            if on_bad_pair == "error":
+                raise DataError(source, line, field, reason.replace("_", " "))
+            dropped[reason] += 1
+            continue
+        pairs.append(pair)
+    if not pairs:
+        raise DataError(source, None, None, f"no usable preference pairs (dropped: {dropped})")
+    return PreferenceData(pairs=pairs, dropped=dropped, format="+".join(sorted(formats)))
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt files (evaluation, candidate generation)
+
+PROMPT_FIELDS = ("prompt", "instruction", "turns", "question", "text")
+
+
+def load_prompts(source: str | Path, field: str | None = None, split: str = "train") -> list[dict]:
+    """Prompts as ``{"id", "prompt": messages, "turns": [str, ...]}``.
+
+    Accepts records with a ``prompt`` (string or messages), ``instruction`` (+ optional ``input``),
+    MT-Bench ``turns`` (the first turn is the prompt; later turns are kept), or a bare JSON string
+    per line. ``field`` names the field to read when it is none of those.
+    """
+    prompts = []
+    for i, (line, rec) in enumerate(read_dataset_rows(source, split)):
+        ident = str(i)
+        if isinstance(rec, str):
+            text, turns = rec, [rec]
+        elif isinstance(rec, dict):
+            ident = str(rec.get("id", rec.get("question_id", rec.get("item_id", i))))
+            key = field or next((k for k in PROMPT_FIELDS if k in rec), None)
+            if key is None or key not in rec:
+                raise DataError(source, line, field or "prompt", f"missing (looked for {', '.join(PROMPT_FIELDS)})")
+            value = rec[key]
+            if key == "instruction":
+                text = alpaca_prompt(_require_text(rec, "instruction", source, line), rec.get("input") or "")
+                turns = [text]
+            elif isinstance(value, list) and value and all(isinstance(t, str) for t in value):
+                turns, text = value, value[0]
+            elif isinstance(value, list):
+                msgs = _check_messages(value, source, line, key)
+                prompts.append({"id": ident, "prompt": msgs, "turns": [m["content"] for m in msgs if m["role"] == "user"]})
+                continue
+            elif isinstance(value, str):
+                text, turns = value, [value]
+            else:
+                raise DataError(source, line, key, f"expected a string or a list, got {type(value).__name__}")
+        else:
+            raise DataError(source, line, None, f"expected a JSON string or object, got {type(rec).__name__}")
+        if not text.strip():
+            raise DataError(source, line, field or "prompt", "is empty")
+        prompts.append({"id": ident, "prompt": [{"role": "user", "content": text}], "turns": turns})
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------
+# Splits and leakage
+
+
+def seeded_split(items: list, fractions: dict[str, float], seed: int) -> dict[str, list]:
+    """Deterministic split: shuffle with ``seed``, cut by fractions; the first key takes the rest."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    names = list(fractions)
+    sizes = {n: int(round(fractions[n] * len(items))) for n in names[1:]}
+    out, start = {}, 0
+    for n in names[1:]:
+        out[n] = [items[i] for i in order[start : start + sizes[n]]]
+        start += sizes[n]
+    out[names[0]] = [items[i] for i in order[start:]]
+    return {n: out[n] for n in names}
+
+
+def normalize_text(text: str) -> str:
+    """Case-, accent-, punctuation- and whitespace-insensitive form for duplicate checks."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+
+
+def prompt_text(prompt: Messages | str) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(m["content"] for m in prompt if m["role"] != "system")
+
+
+def check_leakage(heldout: Iterable[Messages | str], training: Iterable[Messages | str], max_examples: int = 10) -> dict:
+    """Held-out prompts that also occur in training data, exactly or after normalisation."""
+    train_texts = [prompt_text(p) for p in training]
+    exact_set = {t.strip() for t in train_texts}
+    norm_set = {normalize_text(t) for t in train_texts}
+    exact, normalized, examples = 0, 0, []
+    heldout = list(heldout)
+    for p in heldout:
+        t = prompt_text(p)
+        if t.strip() in exact_set:
+            exact += 1
+            examples.append({"kind": "exact", "prompt": t[:200]})
+        elif normalize_text(t) in norm_set:
+            normalized += 1
+            examples.append({"kind": "normalized", "prompt": t[:200]})
+    return {
+        "n_heldout": len(heldout),
+        "exact_duplicates": exact,
+        "normalized_duplicates": normalized,
+        "leaked_fraction": (exact + normalized) / len(heldout) if heldout else 0.0,
+        "examples": examples[:max_examples],
+    }

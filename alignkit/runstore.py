@@ -1,0 +1,199 @@
+"""The run store: one directory per stage, described by its ``manifest.json``.
+
+A stage run goes through ``running`` to ``completed`` (or ``failed``). The manifest holds the
+resolved config, the inputs with content hashes, outputs, metrics, library versions and times.
+Writes are atomic (temp file + rename): a crash never leaves a manifest that says "completed"
+over partial outputs. A completed stage with the same config and inputs is skipped unless forced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+TRACKED_LIBRARIES = ("alignkit", "torch", "transformers", "trl", "datasets", "peft", "accelerate", "argilla")
+# Config keys whose values must never reach a manifest, log or report.
+SECRET_KEY_PATTERN = re.compile(r"(api_key|token|password|secret)", re.IGNORECASE)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """Write rows as JSONL atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def hash_path(path: Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and contents, sorted)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        if path.is_dir():
+            h.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def redact(obj: Any) -> Any:
+    """Replace values of secret-looking keys with '***' (recursively)."""
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEY_PATTERN.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TRACKED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or when not distributed): only it writes manifests."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass
+class StageRun:
+    """A stage's run directory and its manifest. Use :func:`stage_run` to create one."""
+
+    stage: str
+    dir: Path
+    config: dict
+    inputs: dict[str, dict] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    started_at: str = ""
+    skipped: bool = False
+    previous: dict | None = None  # manifest found on disk when the run began
+
+    @property
+    def resuming(self) -> bool:
+        """A previous attempt with the same config and inputs did not complete."""
+        return bool(self.previous) and self.previous.get("status") in ("running", "failed") and self._same_as(self.previous)
+
+    def _same_as(self, manifest: dict) -> bool:
+        return manifest.get("config") == redact(self.config) and {
+            k: v.get("hash") for k, v in manifest.get("inputs", {}).items()
+        } == {k: v.get("hash") for k, v in self.inputs.items()}
+
+    def manifest(self, status: str, error: str | None = None) -> dict:
+        m = {
+            "stage": self.stage,
+            "status": status,
+            "config": redact(self.config),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "metrics": self.metrics,
+            "notes": self.notes,
+            "versions": library_versions(),
+            "command": redact(sys.argv),
+            "started_at": self.started_at,
+            "ended_at": _now() if status != "running" else None,
+        }
+        if error:
+            m["error"] = error
+        return m
+
+    def write(self, status: str, error: str | None = None) -> None:
+        if is_main_process():
+            atomic_write_json(self.dir / MANIFEST, self.manifest(status, error))
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def add_output(self, key: str, path: Path) -> None:
+        self.outputs[key] = str(Path(path).relative_to(self.dir)) if Path(path).is_relative_to(self.dir) else str(path)
+
+
+def describe_inputs(inputs: dict[str, str | Path | None]) -> dict[str, dict]:
+    """Inputs as recorded in a manifest: path plus content hash (Hub names get no hash)."""
+    described = {}
+    for key, value in inputs.items():
+        if value is None:
+            continue
+        p = Path(str(value))
+        if p.exists():
+            described[key] = {"path": str(p.resolve()), "hash": hash_path(p)}
+        else:
+            described[key] = {"name": str(value), "hash": None}
+    return described
+
+
+@contextmanager
+def stage_run(
+    stage: str, out_dir: str | Path, config: dict, inputs: dict[str, str | Path | None], force: bool = False
+) -> Iterator[StageRun]:
+    """Open a stage run: skip it when already completed with the same config and inputs.
+
+    Inside the ``with`` block, check ``run.skipped`` first. On a normal exit the manifest is written
+    as completed; on an exception as failed (with the error), and the exception propagates.
+    """
+    out_dir = Path(out_dir)
+    run = StageRun(stage=stage, dir=out_dir, config=config, inputs=describe_inputs(inputs))
+    run.previous = read_manifest(out_dir)
+    if run.previous and run.previous.get("status") == "completed" and run._same_as(run.previous) and not force:
+        run.skipped = True
+        run.outputs, run.metrics = run.previous.get("outputs", {}), run.previous.get("metrics", {})
+        yield run
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.started_at = _now()
+    run.write("running")
+    try:
+        yield run
+    except BaseException as exc:
+        kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+        run.write("failed", error=f"{kind}: {exc}\n" + "".join(traceback.format_exc(limit=5)))
+        raise
+    run.write("completed")

@@ -1,0 +1,268 @@
+"""SFT stage: supervised fine-tuning on instruction data with TRL's SFTTrainer.
+
+Reads like the stage: load and check the data, split it (train / validation / held-out prompts),
+check held-out prompts for leakage, build the model (full, LoRA or QLoRA), measure validation loss,
+train with checkpoints (resuming the last one), measure again, save the model and the manifest.
+
+Launch: ``alignkit sft --config configs/sft.yaml [KEY=VALUE ...]``; on several processes:
+``torchrun --nproc_per_node 2 -m alignkit.cli sft --config ...`` or ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.config import describe, doc, load_config, to_dict
+from alignkit.data import check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
+from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
+from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
+
+log = logging.getLogger("alignkit.sft")
+DEMO_DATA = str(Path(__file__).resolve().parent.parent / "alignkit" / "demo" / "instructions.jsonl")
+
+
+@dataclass
+class LoraOptions:
+    enabled: bool = doc("train LoRA adapters instead of all weights", False)
+    r: int = doc("adapter rank", 16)
+    alpha: int = doc("LoRA scaling numerator (scale = alpha / r)", 32)
+    dropout: float = doc("dropout on the adapter input", 0.05)
+    target_modules: str = doc("modules to adapt: 'all-linear' or a comma-separated list of names", "all-linear")
+    merge: bool = doc("merge the adapters into the base weights when saving (a plain model for later stages)", True)
+
+
+@dataclass
+class SFTStageConfig:
+    model: str = doc("base model: a local dir, a Hub id, or offline:smollm2-135m-instruct", DEFAULT_MODEL)
+    data: str = doc("instruction data: Alpaca JSON/JSONL, prompt/completion or messages JSONL, an HF dataset dir or Hub name", DEMO_DATA)
+    data_format: str = doc("auto, alpaca, prompt_completion or messages", "auto")
+    on_bad_record: str = doc("a record with a missing/empty/mistyped field: 'error' stops, 'drop' skips it and counts it in the manifest", "error")
+    output_dir: str = doc("this stage's run directory", "runs/quickstart/sft")
+    seed: int = doc("seed for the split, initialisation of adapters and data order", 0)
+    max_examples: int | None = doc("use only the first N examples (smoke runs)", None)
+    val_fraction: float = doc("fraction of examples kept for validation loss", 0.1)
+    heldout_fraction: float = doc("fraction of prompts held out for evaluation (never trained on)", 0.1)
+    extra_heldout: str | None = doc("another prompt file to be checked for leakage into the training data", None)
+    max_length: int = doc("truncate tokenised examples to this many tokens", 512)
+    packing: bool = doc("pack several examples into one sequence of max_length tokens", False)
+    completion_only_loss: bool = doc("compute the loss on the reply only, not on the prompt", True)
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options"})
+    qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
+    epochs: float = doc("passes over the training data", 1.0)
+    max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
+    learning_rate: float = doc("peak learning rate", 2e-5)
+    lr_scheduler: str = doc("transformers scheduler name", "cosine")
+    warmup_ratio: float = doc("fraction of steps spent warming up the learning rate", 0.03)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    batch_size: int = doc("examples per device per step", 4)
+    grad_accum: int = doc("gradient accumulation steps", 1)
+    eval_steps: int = doc("validate every N steps", 50)
+    save_steps: int = doc("checkpoint every N steps (resume starts from the last one)", 50)
+    save_total_limit: int = doc("checkpoints kept", 2)
+    logging_steps: int = doc("log every N steps", 10)
+    gradient_checkpointing: bool = doc("trade compute for memory", False)
+    bf16: bool | None = doc("bf16 training; default: on for CUDA GPUs that support it, off on CPU", None)
+    trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
+    record_seen_examples: bool = doc("write a hash of every example each rank trained on (for distributed checks)", False)
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_data(cfg: SFTStageConfig) -> dict:
+    """Load, check and split the data; nothing is written here, so bad input leaves no trace."""
+    examples, dropped = load_sft_examples(cfg.data, cfg.data_format, on_bad_record=cfg.on_bad_record)
+    if cfg.max_examples:
+        examples = examples[: cfg.max_examples]
+    splits = seeded_split(examples, {"train": 0, "validation": cfg.val_fraction, "heldout": cfg.heldout_fraction}, cfg.seed)
+    if not splits["train"]:
+        raise ValueError(f"{cfg.data}: too few examples ({len(examples)}) to train after the split")
+    if not splits["validation"]:
+        splits["validation"] = splits["train"][:1]
+    train_prompts = [e["prompt"] for e in splits["train"]]
+    leakage = {"heldout_split": check_leakage([e["prompt"] for e in splits["heldout"]], train_prompts)}
+    if cfg.extra_heldout:
+        leakage["extra_heldout"] = check_leakage([p["prompt"] for p in load_prompts(cfg.extra_heldout)], train_prompts)
+    return {"splits": splits, "leakage": leakage, "n_examples": len(examples), "dropped": dropped}
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> str | None:
+    if not ckpt_dir.exists():
+        return None
+    ckpts = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[1]))) if ckpts else None
+
+
+class _RecordingCollator:
+    """Wraps the collator to remember which examples this rank trained on."""
+
+    def __init__(self, collator, sink: list):
+        self.collator, self.sink = collator, sink
+
+    def __call__(self, features):
+        self.sink.extend(_sha(f["input_ids"]) for f in features)
+        return self.collator(features)
+
+
+def train(cfg: SFTStageConfig, force: bool = False) -> dict:
+    data = prepare_data(cfg)  # before any heavy import or write: bad input fails fast and leaves nothing
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model_path = resolve_model(cfg.model)
+    out = Path(cfg.output_dir)
+    with stage_run("sft", out, to_dict(cfg), {"data": cfg.data, "model": model_path, "extra_heldout": cfg.extra_heldout}, force) as run:
+        if run.skipped:
+            log.info("sft: already completed in %s (use --force to run again)", out)
+            return run.previous
+        if force and run.previous:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        splits = data["splits"]
+        if is_main_process():
+            write_jsonl(out / "heldout_prompts.jsonl",
+                        [{"id": f"heldout-{i}", "prompt": e["prompt"], "reference": e["completion"][0]["content"]}
+                         for i, e in enumerate(splits["heldout"])])
+            write_jsonl(out / "train_prompts.jsonl", [{"prompt": prompt_text(e["prompt"])} for e in splits["train"]])
+        run.add_output("train_prompts", out / "train_prompts.jsonl")
+        run.add_output("heldout_prompts", out / "heldout_prompts.jsonl")
+        run.notes["leakage"] = data["leakage"]
+        run.notes["split_sizes"] = {k: len(v) for k, v in splits.items()}
+        run.notes["dropped_records"] = data["dropped"]
+        leak = data["leakage"]["heldout_split"]
+        log.info("sft: %d examples -> %s; held-out leakage: %d exact, %d normalised duplicates",
+                 data["n_examples"], run.notes["split_sizes"], leak["exact_duplicates"], leak["normalized_duplicates"])
+
+        cuda = torch.cuda.is_available()
+        bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+        quantization_config = None
+        if cfg.qlora:
+            quantization_config = _qlora_config(dtype)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config)
+        match_tokenizer(model, tokenizer)
+        peft_config = None
+        if cfg.lora.enabled or cfg.qlora:
+            from peft import LoraConfig
+
+            targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [
+                t.strip() for t in cfg.lora.target_modules.split(",")]
+            peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=targets, task_type="CAUSAL_LM")
+
+        args = SFTConfig(
+            output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
+            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
+            save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+            logging_steps=cfg.logging_steps, report_to=["tensorboard"],
+            bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not cuda,
+            max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
+            dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=False,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
+            train_dataset=Dataset.from_list(splits["train"]), eval_dataset=Dataset.from_list(splits["validation"]),
+        )
+        seen: list[str] = []
+        if cfg.record_seen_examples:
+            trainer.data_collator = _RecordingCollator(trainer.data_collator, seen)
+
+        # The loss before training is measured once and kept, so a resumed run reports the same one.
+        initial_path = out / "initial_eval.json"
+        if initial_path.exists():
+            initial = json.loads(initial_path.read_text())
+        else:
+            initial = trainer.evaluate()
+            if is_main_process():
+                atomic_write_json(initial_path, initial)
+        resume_from = _latest_checkpoint(out / "checkpoints")
+        if resume_from:
+            log.info("sft: resuming from %s", resume_from)
+            run.notes["resumed_from"] = resume_from
+        seen.clear()  # only what training saw, not the evaluation above
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        if cfg.record_seen_examples:
+            atomic_write_json(out / f"seen_examples_rank{os.environ.get('RANK', '0')}.json", seen)
+        final = trainer.evaluate()
+
+        model_dir = out / "model"
+        _save_model(trainer, tokenizer, model_dir, merge=cfg.lora.merge and peft_config is not None)
+        run.add_output("model", model_dir)
+        run.add_output("checkpoints", out / "checkpoints")
+        run.metrics.update({
+            "eval_loss_before": initial.get("eval_loss"), "eval_loss_after": final.get("eval_loss"),
+            "train_loss": result.training_loss, "global_step": result.global_step,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        })
+        if is_main_process():
+            print(f"sft: done. eval loss {initial.get('eval_loss'):.4f} -> {final.get('eval_loss'):.4f}\n"
+                  f"  model:    {model_dir}\n  manifest: {out / 'manifest.json'}")
+    return run.manifest("completed")
+
+
+def _qlora_config(dtype):
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("qlora: 4-bit training needs a CUDA GPU; on CPU use lora.enabled=true instead")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError("qlora: bitsandbytes is not installed (pip install 'alignkit[qlora]')") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def _save_model(trainer, tokenizer, model_dir: Path, merge: bool) -> None:
+    """Save through a temp dir + rename so a crash never leaves half a model under ``model/``."""
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)
+
+
+def _handler(args) -> int:
+    cfg = load_config(SFTStageConfig, args.config, args.overrides)
+    train(cfg, force=args.force)
+    return 0
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser(
+        "sft", help="supervised fine-tuning on instruction data",
+        description="Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer. An interrupted run "
+                    "resumes from its last checkpoint when run again; a completed one is skipped.",
+        epilog="config keys (YAML or KEY=VALUE):\n" + describe(SFTStageConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML config (configs/sft.yaml); keys below")
+    p.add_argument("--force", action="store_true", help="run again from scratch even if completed")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+    p.set_defaults(func=_handler)
