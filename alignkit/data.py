@@ -29,8 +29,10 @@ Messages = list[dict[str, str]]
 class DataError(ValueError):
     """A record that cannot be used, located by file, line and field."""
 
-    def __init__(self, source: str | Path, line: int | None, field: str | None, message: str):
+    def __init__(self, source: str | Path, line: int | None, field: str | None, message: str,
+                 drop_reason: str | None = None):
         self.source, self.line, self.field, self.message = str(source), line, field, message
+        self.drop_reason = drop_reason  # set when a "drop" policy may skip the record instead
         where = self.source + (f":{line}" if line is not None else "")
         what = f" field '{field}'" if field else ""
         super().__init__(f"{where}:{what} {message}")
@@ -89,9 +91,13 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
     return records
 
 
+DEMO_DATA = Path(__file__).resolve().parent / "demo" / "instructions.jsonl"
+
+
 def read_dataset_rows(source: str | Path, split: str = "train") -> list[tuple[int | None, Any]]:
-    """Rows of a local file, a local HF dataset directory, or a Hub dataset name."""
-    p = Path(str(source))
+    """Rows of a local file, a local HF dataset directory, a Hub dataset name, or ``demo`` (the
+    instruction data shipped with alignkit)."""
+    p = DEMO_DATA if str(source) == "demo" else Path(str(source))
     if p.is_file():
         return read_records(p)
     import datasets
@@ -266,7 +272,7 @@ def _as_reply(value: Any, path, line, key: str) -> str:
     raise DataError(path, line, key, f"expected a string or a list of messages, got {type(value).__name__}")
 
 
-PAIR_DROP_REASONS = ("identical_replies", "empty_reply")
+PAIR_DROP_REASONS = ("identical_replies", "empty_reply", "prompt_mismatch")
 
 
 @dataclass
@@ -288,7 +294,8 @@ def preference_pair(rec: Any, path, line) -> tuple[dict, str]:
         try:
             prompt, chosen, rejected = split_hh_pair(rec["chosen"], rec["rejected"])
         except ValueError as e:
-            raise DataError(path, line, "chosen", str(e)) from None
+            mismatch = "share the same prompt" in str(e)
+            raise DataError(path, line, "chosen", str(e), drop_reason="prompt_mismatch" if mismatch else None) from None
         fmt = "hh-rlhf"
     else:
         p = rec["prompt"]
@@ -322,14 +329,20 @@ def load_preferences(source: str | Path, on_bad_pair: str = "drop", split: str =
     HH-RLHF transcripts, or an alignkit annotation export.
 
     Structurally broken records (missing field, wrong type, bad JSON) always raise. Pairs that are
-    well formed but useless (identical replies, an empty reply) are dropped and counted when
-    ``on_bad_pair="drop"``, or raise when ``"error"``.
+    well formed but useless (identical replies, an empty reply, HH-RLHF transcripts whose prompts
+    differ) are dropped and counted when ``on_bad_pair="drop"``, or raise when ``"error"``.
     """
     if on_bad_pair not in ("drop", "error"):
         raise ValueError("on_bad_pair must be 'drop' or 'error'")
     pairs, dropped, formats = [], {r: 0 for r in PAIR_DROP_REASONS}, set()
     for line, rec in read_dataset_rows(source, split):
-        pair, fmt = preference_pair(rec, source, line)
+        try:
+            pair, fmt = preference_pair(rec, source, line)
+        except DataError as e:
+            if e.drop_reason is None or on_bad_pair == "error":
+                raise
+            dropped[e.drop_reason] += 1
+            continue
         formats.add(fmt)
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
         reason = None

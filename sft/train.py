@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import describe, doc, load_config, to_dict
-from alignkit.data import check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
+from alignkit.data import DEMO_DATA, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
 
 log = logging.getLogger("alignkit.sft")
-DEMO_DATA = str(Path(__file__).resolve().parent.parent / "alignkit" / "demo" / "instructions.jsonl")
 
 
 @dataclass
@@ -41,7 +40,7 @@ class LoraOptions:
 @dataclass
 class SFTStageConfig:
     model: str = doc("base model: a local dir, a Hub id, or offline:smollm2-135m-instruct", DEFAULT_MODEL)
-    data: str = doc("instruction data: Alpaca JSON/JSONL, prompt/completion or messages JSONL, an HF dataset dir or Hub name", DEMO_DATA)
+    data: str = doc("instruction data: Alpaca JSON/JSONL, prompt/completion or messages JSONL, an HF dataset dir or Hub name; 'demo' is the shipped demo set", "demo")
     data_format: str = doc("auto, alpaca, prompt_completion or messages", "auto")
     on_bad_record: str = doc("a record with a missing/empty/mistyped field: 'error' stops, 'drop' skips it and counts it in the manifest", "error")
     output_dir: str = doc("this stage's run directory", "runs/quickstart/sft")
@@ -102,13 +101,14 @@ def _latest_checkpoint(ckpt_dir: Path) -> str | None:
 
 
 class _RecordingCollator:
-    """Wraps the collator to remember which examples this rank trained on."""
+    """Wraps the collator to remember which examples this rank trained on (not evaluated on)."""
 
-    def __init__(self, collator, sink: list):
-        self.collator, self.sink = collator, sink
+    def __init__(self, collator, model, sink: list):
+        self.collator, self.model, self.sink = collator, model, sink
 
     def __call__(self, features):
-        self.sink.extend(_sha(f["input_ids"]) for f in features)
+        if self.model.training:
+            self.sink.extend(_sha(f["input_ids"]) for f in features)
         return self.collator(features)
 
 
@@ -121,7 +121,8 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
 
     model_path = resolve_model(cfg.model)
     out = Path(cfg.output_dir)
-    with stage_run("sft", out, to_dict(cfg), {"data": cfg.data, "model": model_path, "extra_heldout": cfg.extra_heldout}, force) as run:
+    data_path = DEMO_DATA if cfg.data == "demo" else cfg.data
+    with stage_run("sft", out, to_dict(cfg), {"data": data_path, "model": model_path, "extra_heldout": cfg.extra_heldout}, force) as run:
         if run.skipped:
             log.info("sft: already completed in %s (use --force to run again)", out)
             return run.previous
@@ -181,7 +182,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         )
         seen: list[str] = []
         if cfg.record_seen_examples:
-            trainer.data_collator = _RecordingCollator(trainer.data_collator, seen)
+            trainer.data_collator = _RecordingCollator(trainer.data_collator, trainer.model, seen)
 
         # The loss before training is measured once and kept, so a resumed run reports the same one.
         initial_path = out / "initial_eval.json"
@@ -195,7 +196,6 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         if resume_from:
             log.info("sft: resuming from %s", resume_from)
             run.notes["resumed_from"] = resume_from
-        seen.clear()  # only what training saw, not the evaluation above
         result = trainer.train(resume_from_checkpoint=resume_from)
         if cfg.record_seen_examples:
             atomic_write_json(out / f"seen_examples_rank{os.environ.get('RANK', '0')}.json", seen)
@@ -205,7 +205,11 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         _save_model(trainer, tokenizer, model_dir, merge=cfg.lora.merge and peft_config is not None)
         run.add_output("model", model_dir)
         run.add_output("checkpoints", out / "checkpoints")
+        logged_tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
         run.metrics.update({
+            "train_tokens": logged_tokens[-1] if logged_tokens else None,
+            "train_tokens_per_second": (logged_tokens[-1] / result.metrics["train_runtime"]
+                                        if logged_tokens and result.metrics.get("train_runtime") else None),
             "eval_loss_before": initial.get("eval_loss"), "eval_loss_after": final.get("eval_loss"),
             "train_loss": result.training_loss, "global_step": result.global_step,
             "train_runtime_s": result.metrics.get("train_runtime"),

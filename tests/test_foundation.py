@@ -1,0 +1,229 @@
+"""The shared package: data formats, config loading, the run store, tiny models."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+from alignkit.config import ConfigError, doc, load_config, parse_overrides
+from alignkit.data import (
+    DataError, load_preferences, load_prompts, load_sft_examples, normalize_text, parse_hh_transcript,
+    read_records, seeded_split, split_hh_pair,
+)
+from alignkit.runstore import atomic_write_json, read_manifest, redact, stage_run
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ------------------------------------------------------------------------------ data formats
+
+def test_alpaca_json_and_jsonl_become_prompt_completion(tmp_path):
+    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Hi?", "input": "", "output": "Hello."}]
+    for path in (write(tmp_path, "a.json", json.dumps(rows, indent=2)),
+                 write(tmp_path, "a.jsonl", "\n".join(json.dumps(r) for r in rows))):
+        examples, dropped = load_sft_examples(path)
+        assert dropped == {}
+        assert examples[0] == {"prompt": [{"role": "user", "content": "Add.\n\n2 and 3"}],
+                               "completion": [{"role": "assistant", "content": "5"}]}
+        assert examples[1]["prompt"][0]["content"] == "Hi?"
+
+
+def test_prompt_completion_and_messages_formats(tmp_path):
+    pc = write(tmp_path, "pc.jsonl", json.dumps({"prompt": "Say hi", "completion": "hi"}) + "\n")
+    msgs = write(tmp_path, "m.jsonl", json.dumps({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}) + "\n")
+    assert load_sft_examples(pc)[0][0]["completion"][0]["content"] == "hi"
+    ex = load_sft_examples(msgs)[0][0]
+    assert [m["role"] for m in ex["prompt"]] == ["system", "user"] and ex["completion"][0]["content"] == "A"
+
+
+def test_json_array_errors_carry_the_element_line(tmp_path):
+    path = write(tmp_path, "a.json", '[\n {"instruction": "a", "output": "b"},\n\n {"instruction": "a", "output": ""}\n]')
+    with pytest.raises(DataError) as e:
+        load_sft_examples(path)
+    assert e.value.line == 4 and e.value.field == "output"
+    examples, dropped = load_sft_examples(path, on_bad_record="drop")
+    assert len(examples) == 1 and dropped == {"output is empty": 1}
+
+
+def test_local_hf_dataset_dir(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_list([{"instruction": "a", "input": "", "output": "b"}]).save_to_disk(str(tmp_path / "ds"))
+    assert load_sft_examples(tmp_path / "ds")[0][0]["completion"][0]["content"] == "b"
+
+
+def test_demo_data_is_shipped_and_loads():
+    examples, dropped = load_sft_examples("demo")
+    assert len(examples) >= 300 and dropped == {}
+
+
+def test_hub_name_without_hub_is_a_clear_error():
+    with pytest.raises(DataError, match="could not load"):
+        load_sft_examples("someone/no-such-dataset")
+
+
+def test_hh_rlhf_transcripts_split_into_prompt_and_final_replies(shared_data):
+    c = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: Why did the chicken..."
+    r = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: No."
+    prompt, chosen, rejected = split_hh_pair(c, r)
+    assert [m["role"] for m in prompt] == ["user", "assistant", "user"]
+    assert chosen == "Why did the chicken..." and rejected == "No."
+    with pytest.raises(ValueError):
+        parse_hh_transcript("no markers here")
+    data = load_preferences(shared_data / "hh_rlhf_harmless" / "test.jsonl.gz")
+    assert data.format == "hh-rlhf" and len(data.pairs) + sum(data.dropped.values()) == 2312
+    assert all(p["prompt"][-1]["role"] == "user" for p in data.pairs)
+
+
+def test_preference_formats_and_bad_pairs(tmp_path):
+    rows = [
+        {"prompt": "Q1", "chosen": "good", "rejected": "bad", "margin": 2},
+        {"prompt": [{"role": "user", "content": "Q2"}], "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "b"}]},
+        {"prompt": "Q3", "chosen": "same", "rejected": "same"},
+        {"prompt": "Q4", "chosen": "", "rejected": "x"},
+    ]
+    path = write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in rows))
+    data = load_preferences(path)
+    assert len(data.pairs) == 2 and data.pairs[0]["margin"] == 2.0
+    assert data.dropped == {"identical_replies": 1, "empty_reply": 1, "prompt_mismatch": 0}
+    with pytest.raises(DataError) as e:
+        load_preferences(path, on_bad_pair="error")
+    assert e.value.line == 3
+    missing = write(tmp_path, "m.jsonl", json.dumps({"prompt": "Q", "chosen": "a"}))
+    with pytest.raises(DataError, match="rejected"):
+        load_preferences(missing)
+
+
+def test_prompt_files_of_every_shape(shared_data, tmp_path):
+    mt = load_prompts(shared_data / "mt_bench" / "question.jsonl")
+    assert len(mt) == 80 and len(mt[0]["turns"]) == 2 and mt[0]["id"] == "81"
+    si = load_prompts(shared_data / "self_instruct" / "user_oriented_instructions.jsonl")
+    assert len(si) == 252 and si[0]["prompt"][0]["content"]
+    oa = load_prompts(shared_data / "oasst_prompts" / "prompt_lottery_en_250_text.jsonl")
+    assert len(oa) == 263 and isinstance(oa[0]["prompt"][0]["content"], str)
+    custom = write(tmp_path, "c.jsonl", json.dumps({"query": "What?"}))
+    assert load_prompts(custom, field="query")[0]["prompt"][0]["content"] == "What?"
+    with pytest.raises(DataError, match="prompt"):
+        load_prompts(custom)
+
+
+def test_read_records_reports_bad_json_line(tmp_path):
+    path = write(tmp_path, "x.jsonl", '{"a": 1}\n{"a": \n')
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    assert e.value.line == 2 and "invalid JSON" in str(e.value)
+
+
+def test_seeded_split_and_normalisation():
+    items = list(range(100))
+    a = seeded_split(items, {"train": 0, "val": 0.1, "test": 0.2}, seed=3)
+    assert a == seeded_split(items, {"train": 0, "val": 0.1, "test": 0.2}, seed=3)
+    assert (len(a["train"]), len(a["val"]), len(a["test"])) == (70, 10, 20)
+    assert sorted(a["train"] + a["val"] + a["test"]) == items
+    assert normalize_text("  Héllo,   WORLD!! ") == normalize_text("hello world")
+
+
+# ------------------------------------------------------------------------------ config
+
+@dataclass
+class Inner:
+    r: int = doc("rank", 8)
+
+
+@dataclass
+class Outer:
+    name: str = doc("a name", "x")
+    lr: float = doc("learning rate", 1e-3)
+    flag: bool = doc("a flag", False)
+    limit: int | None = doc("optional", None)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    path = write(tmp_path, "c.yaml", "name: y\nlr: 1e-4\ninner:\n  r: 4\n")
+    cfg = load_config(Outer, path, ["flag=true", "inner.r=16", "limit=3"])
+    assert (cfg.name, cfg.lr, cfg.flag, cfg.limit, cfg.inner.r) == ("y", 1e-4, True, 3, 16)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(Outer, path, ["nmae=z"])
+    with pytest.raises(ConfigError, match="lr: expected a number"):
+        load_config(Outer, path, ["lr=fast"])
+    with pytest.raises(ConfigError, match="inner: unknown key"):
+        load_config(Outer, path, ["inner.q=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["oops"])
+
+
+# ------------------------------------------------------------------------------ run store
+
+def test_stage_run_lifecycle_skip_force_and_failure(tmp_path):
+    data = write(tmp_path, "in.txt", "v1")
+    out = tmp_path / "stage"
+    with stage_run("demo", out, {"k": 1, "api_key": "sekrit"}, {"data": data}) as run:
+        assert not run.skipped
+        assert read_manifest(out)["status"] == "running"
+        run.metrics["m"] = 1.5
+    m = read_manifest(out)
+    assert m["status"] == "completed" and m["metrics"] == {"m": 1.5}
+    assert "sekrit" not in (out / "manifest.json").read_text()
+    with stage_run("demo", out, {"k": 1, "api_key": "sekrit"}, {"data": data}) as run:
+        assert run.skipped
+    with stage_run("demo", out, {"k": 1, "api_key": "sekrit"}, {"data": data}, force=True) as run:
+        assert not run.skipped
+    data.write_text("v2")  # changed input: runs again
+    with pytest.raises(RuntimeError):
+        with stage_run("demo", out, {"k": 1}, {"data": data}) as run:
+            assert not run.skipped
+            raise RuntimeError("boom")
+    m = read_manifest(out)
+    assert m["status"] == "failed" and "boom" in m["error"]
+    with stage_run("demo", out, {"k": 1}, {"data": data}) as run:
+        assert run.resuming  # the failed attempt had the same config and inputs
+
+
+def test_atomic_write_never_exposes_partial_files(tmp_path):
+    path = tmp_path / "m.json"
+    big = {"x": "y" * 200_000}
+    seen_bad = []
+
+    def reader():
+        for _ in range(300):
+            if path.exists():
+                try:
+                    json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    seen_bad.append(1)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(50):
+        atomic_write_json(path, {**big, "i": i})
+    t.join()
+    assert not seen_bad and json.loads(path.read_text())["i"] == 49
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_redact_hides_secrets_at_any_depth():
+    assert redact({"a": {"ARGILLA_API_KEY": "k", "hf_token": "t", "ok": [{"password": "p"}]}, "b": 1}) == \
+        {"a": {"ARGILLA_API_KEY": "***", "hf_token": "***", "ok": [{"password": "***"}]}, "b": 1}
+
+
+def test_tiny_model_generates_with_its_chat_template(tiny_model):
+    from alignkit.models import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model), padding_side="left")
+    assert tok.pad_token_id != tok.eos_token_id
+    model = load_causal_lm(str(tiny_model), tok)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    batch = tok([text, text + " a b c"], return_tensors="pt", padding=True)
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 4)

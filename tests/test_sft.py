@@ -1,0 +1,164 @@
+"""SFT stage end to end on a tiny real model: training, no-op re-runs, resume after a kill,
+malformed input, LoRA, and two real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.runstore import read_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["max_length=96", "batch_size=4", "eval_steps=1000", "logging_steps=5", "learning_rate=2e-3", "warmup_ratio=0"]
+
+
+def sft(tmp_path: Path, model: Path, data: Path | str, *extra: str, out: str = "sft") -> int:
+    return main(["sft", f"model={model}", f"data={data}", f"output_dir={tmp_path / out}", *FAST, *extra])
+
+
+def test_sft_on_alpaca_libre_lowers_validation_loss_and_rerun_is_noop(tmp_path, tiny_model, shared_data):
+    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=240", "max_steps=30",
+               "save_steps=15", "val_fraction=0.1", "heldout_fraction=0.1") == 0
+    m = read_manifest(tmp_path / "sft")
+    assert m["status"] == "completed"
+    assert m["metrics"]["eval_loss_after"] < m["metrics"]["eval_loss_before"]
+    assert m["inputs"]["data"]["hash"].startswith("sha256:")
+    assert m["notes"]["split_sizes"] == {"train": 192, "validation": 24, "heldout": 24}
+    assert m["notes"]["leakage"]["heldout_split"]["n_heldout"] == 24
+    heldout = [json.loads(line) for line in (tmp_path / "sft" / "heldout_prompts.jsonl").read_text().splitlines()]
+    assert len(heldout) == 24 and heldout[0]["prompt"][0]["role"] == "user"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model")
+
+    # Same config and inputs: a no-op that leaves the manifest untouched.
+    before = (tmp_path / "sft" / "manifest.json").read_text()
+    t0 = time.time()
+    assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=240", "max_steps=30",
+               "save_steps=15", "val_fraction=0.1", "heldout_fraction=0.1") == 0
+    assert (tmp_path / "sft" / "manifest.json").read_text() == before
+    assert time.time() - t0 < 60  # generous: it must not train again
+
+
+def test_sft_split_is_deterministic_and_leakage_is_reported(tmp_path, tiny_model):
+    from alignkit.data import check_leakage
+    from sft.train import SFTStageConfig, prepare_data
+
+    rows = [{"instruction": f"Question number {i}?", "input": "", "output": f"Answer {i}."} for i in range(50)]
+    rows += [{"instruction": "question NUMBER 3 ?!", "input": "", "output": "dup"}]  # normalised duplicate of #3
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    a = prepare_data(SFTStageConfig(data=str(path), seed=1))
+    b = prepare_data(SFTStageConfig(data=str(path), seed=1))
+    c = prepare_data(SFTStageConfig(data=str(path), seed=2))
+    assert a["splits"] == b["splits"] and a["splits"] != c["splits"]
+    report = check_leakage([[{"role": "user", "content": "Question number 3?"}], "new prompt", "question   number 4"],
+                           [r["instruction"] for r in rows])
+    assert report["exact_duplicates"] == 1 and report["normalized_duplicates"] == 1
+
+
+MALFORMED = {
+    "bad_json.jsonl": ('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "output": }\n', 2, None),
+    "missing_output.jsonl": ('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": "c", "input": ""}\n', 2, "output"),
+    "empty_instruction.json": ('[\n  {"instruction": "a", "input": "", "output": "b"},\n  {"instruction": "  ", "input": "", "output": "b"}\n]', 3, "instruction"),
+    "wrong_type.jsonl": ('{"instruction": "a", "input": "", "output": "b"}\n\n{"instruction": "a", "input": "", "output": 42}\n', 3, "output"),
+    "not_an_object.jsonl": ('{"instruction": "a", "input": "", "output": "b"}\n["a", "b"]\n', 2, None),
+    "bad_role.jsonl": ('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}\n', 1, "messages[1].role"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_input_names_line_and_field_and_writes_nothing(tmp_path, tiny_model, capsys, name):
+    text, line, field = MALFORMED[name]
+    path = tmp_path / name
+    path.write_text(text)
+    assert sft(tmp_path, tiny_model, path, "max_steps=1") == 2
+    err = capsys.readouterr().err
+    assert f"{path}:{line}:" in err, err
+    if field:
+        assert f"field '{field}'" in err, err
+    assert not (tmp_path / "sft").exists(), "a failed input check must leave no run directory"
+
+
+def test_sft_lora_merges_adapters_into_a_plain_model(tmp_path, tiny_model, shared_data):
+    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=4",
+               "save_steps=100", "lora.enabled=true", "lora.r=4", "lora.alpha=8") == 0
+    model_dir = tmp_path / "sft" / "model"
+    assert (model_dir / "config.json").exists() and not (model_dir / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed, "merging the trained adapters must change some base weights"
+
+
+def test_sft_packing_trains(tmp_path, tiny_model, shared_data):
+    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=3",
+               "save_steps=100", "packing=true") == 0
+    assert read_manifest(tmp_path / "sft")["status"] == "completed"
+
+
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model, shared_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the CPU error path does not apply")
+    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=20", "max_steps=1", "qlora=true")
+    assert read_manifest(tmp_path / "sft")["status"] == "failed"
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "alignkit.cli", *args]
+
+
+def test_killed_sft_resumes_from_its_checkpoint(tmp_path, tiny_model, shared_data):
+    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    args = ["sft", f"model={tiny_model}", f"data={data}", f"output_dir={tmp_path / 'sft'}", *FAST,
+            "on_bad_record=drop", "max_examples=200", "max_steps=40", "save_steps=4", "batch_size=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(_cli(*args), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "sft" / "checkpoints" / "checkpoint-8" / "trainer_state.json"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert read_manifest(tmp_path / "sft")["status"] == "running"  # what a crash leaves: never "completed"
+
+    done = subprocess.run(_cli(*args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = read_manifest(tmp_path / "sft")
+    assert m["status"] == "completed" and m["metrics"]["global_step"] == 40
+    resumed = int(m["notes"]["resumed_from"].rsplit("-", 1)[1])
+    assert resumed >= 8, m["notes"]
+
+
+def test_two_cpu_processes_train_on_different_data(tmp_path, tiny_model, shared_data):
+    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "alignkit.cli", "sft", f"model={tiny_model}", f"data={data}", f"output_dir={tmp_path / 'sft'}",
+           *FAST, "on_bad_record=drop", "max_examples=80", "max_steps=4", "save_steps=100", "batch_size=2",
+           "record_seen_examples=true"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert read_manifest(tmp_path / "sft")["status"] == "completed"
+    seen0 = json.loads((tmp_path / "sft" / "seen_examples_rank0.json").read_text())
+    seen1 = json.loads((tmp_path / "sft" / "seen_examples_rank1.json").read_text())
+    # Up to 4 steps x batch 2 on each rank (a batch fetched before train mode starts is not counted).
+    assert 4 <= len(seen0) <= 8 and 4 <= len(seen1) <= 8
+    assert not set(seen0) & set(seen1), "the two ranks must train on different examples"
