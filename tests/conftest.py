@@ -28,3 +28,6 @@ def tiny_model(tmp_path_factory) -> Path:
     from alignkit.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+from tests.argilla_fixture import argilla_server  # noqa: E402,F401  (session fixture: a real local Argilla)

@@ -1,0 +1,217 @@
+"""``alignkit chat``: talk to a model in the terminal, or compare two of them.
+
+    alignkit chat --model runs/quickstart/dpo            # one model, streaming answers
+    alignkit chat --model A_DIR --compare B_DIR          # both answer every turn, labelled A and B
+    alignkit chat --model A_DIR --compare B_DIR --web    # blind side-by-side page that saves picks
+
+The conversation goes through the model's chat template, turn after turn, with an optional system
+prompt. In ``--compare`` mode each model keeps its own history of its own answers (two parallel
+conversations sharing the user's turns). Commands: ``/help``, ``/reset``, ``/system TEXT``,
+``/history``, ``/prompt``, ``/quit`` (Ctrl-D works too). The web mode lives in
+:mod:`evals.chat_web`; docs/chat.md describes both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_model
+
+HELP = """commands:
+  /help          this text
+  /reset         forget the conversation (the system prompt stays)
+  /system TEXT   set the system prompt (empty TEXT removes it) and reset the conversation
+  /history       how many messages each model's conversation holds
+  /prompt        the exact text each model was given for its last answer
+  /quit          leave (Ctrl-D works too)"""
+
+
+@dataclass
+class GenOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_p: float = 0.95
+
+
+@dataclass
+class Bot:
+    """One model, its tokenizer and its own side of the conversation (user + assistant messages)."""
+
+    name: str
+    tokenizer: object
+    model: object
+    history: list[dict] = field(default_factory=list)
+    last_prompt: str = ""
+
+    @classmethod
+    def load(cls, name: str) -> "Bot":
+        path = resolve_model(name)
+        tok = load_tokenizer(path, padding_side="left")
+        model = load_causal_lm(path, tokenizer=tok).eval()
+        if torch.cuda.is_available():
+            model.to("cuda")
+        return cls(name=name, tokenizer=tok, model=model)
+
+    def reply(self, messages: list[dict], opts: GenOptions, on_text=None) -> str:
+        """The model's answer to ``messages`` (system + turns). ``on_text(piece)`` receives the text
+        as it is generated (TextIteratorStreamer, generation in a thread); the full answer is returned."""
+        from transformers import TextIteratorStreamer
+
+        tok = self.tokenizer
+        self.last_prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = tok(self.last_prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        kwargs = dict(**enc, max_new_tokens=opts.max_new_tokens, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
+        if opts.temperature > 0:
+            kwargs.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if on_text is None:
+            with torch.no_grad():
+                out = self.model.generate(**kwargs)
+            return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run():
+            try:
+                with torch.no_grad():
+                    self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as e:  # re-raised in the caller's thread
+                failure.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        pieces = []
+        for piece in streamer:
+            if not pieces:
+                piece = piece.lstrip()  # the answer is stripped: so is what is shown
+                if not piece:
+                    continue
+            pieces.append(piece)
+            on_text(piece)
+        worker.join()
+        if failure:
+            raise failure[0]
+        return "".join(pieces).strip()
+
+
+def with_system(system: str | None, turns: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal loop
+
+
+def terminal_chat(bots: dict[str, Bot], system: str | None, opts: GenOptions, stdin=None, out=None) -> int:
+    """Read a line, answer with every bot (streamed, labelled when there are two), repeat."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    labelled = len(bots) > 1
+
+    def say(text="", end="\n"):
+        out.write(text + end)
+        out.flush()
+
+    say("type a message, /help for commands, /quit or Ctrl-D to leave")
+    while True:
+        say("you> ", end="")
+        line = stdin.readline()
+        if not line:  # EOF / Ctrl-D
+            say()
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd == "/quit" or cmd == "/exit":
+                return 0
+            if cmd == "/help":
+                say(HELP)
+            elif cmd == "/reset":
+                for bot in bots.values():
+                    bot.history.clear()
+                say("conversation reset")
+            elif cmd == "/system":
+                system = arg.strip() or None
+                for bot in bots.values():
+                    bot.history.clear()
+                say(f"system prompt {'set' if system else 'removed'}; conversation reset")
+            elif cmd == "/history":
+                say("history: " + ", ".join(f"{label + ' ' if labelled else ''}{len(b.history)} messages"
+                                            for label, b in bots.items()))
+            elif cmd == "/prompt":
+                for label, bot in bots.items():
+                    say(f"--- {label} ---" if labelled else "---")
+                    say(bot.last_prompt or "(nothing generated yet)")
+            else:
+                say(f"unknown command {cmd}; /help lists them")
+            continue
+        for label, bot in bots.items():
+            say(f"{label}> " if labelled else "bot> ", end="")
+            turns = bot.history + [{"role": "user", "content": text}]
+            answer = bot.reply(with_system(system, turns), opts, on_text=lambda piece: say(piece, end=""))
+            say()
+            bot.history[:] = turns + [{"role": "assistant", "content": answer}]
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser(
+        "chat", help="talk to a model (terminal or --web), side by side with --compare",
+        description="Chat with a model in the terminal (streaming, multi-turn, /help for commands). "
+                    "--compare answers every turn with a second model too (labelled A and B). --web serves a "
+                    "local page where a tester compares two anonymised models and saves which answer is better "
+                    "as preference records (docs/chat.md).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model dir, Hub id or offline:NAME (default {DEFAULT_MODEL})")
+    p.add_argument("--compare", metavar="DIR", help="a second model: both answer every turn")
+    p.add_argument("--web", action="store_true", help="serve the blind comparison page instead (needs --compare)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    p.add_argument("--port", type=int, default=8765, help="--web: port on 127.0.0.1 (0: any free port; default 8765)")
+    p.add_argument("--out", default="runs/chat/preferences.jsonl",
+                   help="--web: JSONL file the picks are appended to (default runs/chat/preferences.jsonl)")
+    p.add_argument("--push-to-argilla", metavar="DATASET",
+                   help="--web: also push every pick to this Argilla dataset (ARGILLA_API_URL/ARGILLA_API_KEY or "
+                        "the local server of `alignkit annotate server up`)")
+    p.add_argument("--workspace", default="alignkit", help="--web: Argilla workspace for --push-to-argilla")
+    p.set_defaults(func=_handler)
+
+
+def _handler(args) -> int:
+    if args.web and not args.compare:
+        print("alignkit chat: --web compares two models: add --compare DIR", file=sys.stderr)
+        return 2
+    opts = GenOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+    torch.manual_seed(args.seed)
+    names = [args.model] + ([args.compare] if args.compare else [])
+    bots = {}
+    for label, name in zip("AB", names):
+        print(f"loading {name} ...", flush=True)
+        bots[label if args.compare else "bot"] = Bot.load(name)
+    if args.web:
+        from evals.chat_web import serve
+
+        return serve(bots["A"], bots["B"], opts, out=args.out, port=args.port, system=args.system,
+                     argilla_dataset=args.push_to_argilla, workspace=args.workspace)
+    try:
+        return terminal_chat(bots, args.system, opts)
+    except KeyboardInterrupt:  # Ctrl-C leaves too, mid-answer included
+        print()
+        return 0
