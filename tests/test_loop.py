@@ -1,0 +1,66 @@
+"""`alignkit run`: the whole loop on a tiny model against the real local Argilla, a second run
+that skips every stage, and the human-annotator mode that stops and says how far annotation is."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from alignkit.cli import main
+from alignkit.runstore import read_manifest
+
+TINY_LOOP = [
+    "sft.max_steps=4", "sft.batch_size=4", "sft.max_length=96", "sft.eval_steps=1000", "sft.save_steps=100",
+    "sft.max_examples=120", "sft.learning_rate=1e-3",
+    "annotate.generate.max_prompts=10", "annotate.generate.max_new_tokens=10", "annotate.generate.batch_size=10",
+    "annotate.simulate.flip_prob=0.0", "annotate.export.min_kappa=0.2", "annotate.export.bootstrap=50",
+    "reward.max_steps=4", "reward.batch_size=4", "reward.max_length=128", "reward.eval_steps=1000",
+    "reward.save_steps=100", "reward.learning_rate=1e-3",
+    "dpo.max_steps=3", "dpo.batch_size=2", "dpo.max_length=128", "dpo.eval_steps=1000", "dpo.save_steps=100",
+    "ppo.total_steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2", "ppo.max_new_tokens=8", "ppo.save_steps=100",
+    "eval.max_prompts=6", "eval.max_new_tokens=8", "eval.batch_size=6",
+]
+
+
+@pytest.fixture
+def argilla_env(argilla_server, monkeypatch):
+    """Point the loop at the session's Argilla instead of starting another one."""
+    monkeypatch.setenv("ARGILLA_API_URL", argilla_server.url)
+    monkeypatch.setenv("ARGILLA_API_KEY", argilla_server.api_key)
+    return argilla_server
+
+
+def run_loop(tmp_path, tiny_model, *extra: str) -> int:
+    return main(["run", "configs/quickstart.yaml", f"run_dir={tmp_path / 'loop'}", f"model={tiny_model}",
+                 *TINY_LOOP, *extra])
+
+
+def test_whole_loop_then_a_rerun_skips_every_stage(tmp_path, tiny_model, argilla_env, capsys):
+    assert run_loop(tmp_path, tiny_model, "annotate.common.dataset=loop-test") == 0
+    loop = tmp_path / "loop"
+    for stage in ("sft", "annotate/candidates", "annotate/export", "reward", "reward_eval", "dpo", "ppo", "eval"):
+        m = read_manifest(loop / stage)
+        assert m and m["status"] == "completed", (stage, m and m.get("error"))
+    result = json.loads((loop / "eval" / "eval.json").read_text())
+    assert {"base", "sft", "dpo", "ppo"} <= set(result["models"])
+    index = (loop / "index.html").read_text()
+    assert "eval/report.html" in index and "reward_eval/report.html" in index
+    assert argilla_env.api_key not in index
+    capsys.readouterr()
+
+    t0 = time.time()
+    assert run_loop(tmp_path, tiny_model, "annotate.common.dataset=loop-test") == 0
+    out = capsys.readouterr()
+    assert "already completed" in out.err + out.out
+    assert time.time() - t0 < 120  # nothing trains, generates or annotates again
+
+
+def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, argilla_env, capsys):
+    code = run_loop(tmp_path, tiny_model, "annotators=human", "stages=[sft,annotate,reward]",
+                    "annotate.common.dataset=loop-human", "annotate.generate.max_prompts=4")
+    assert code == 10
+    out = capsys.readouterr().out
+    assert "waiting for annotators: 0 of 4 records completed" in out
+    assert read_manifest(tmp_path / "loop" / "reward") is None  # nothing after annotation ran
