@@ -387,7 +387,11 @@ def load_prompts(source: str | Path, field: str | None = None, split: str = "tra
                 raise DataError(source, line, field or "prompt", f"missing (looked for {', '.join(PROMPT_FIELDS)})")
             value = rec[key]
             if key == "instruction":
-                text = alpaca_prompt(_require_text(rec, "instruction", source, line), rec.get("input") or "")
+                input_text = rec.get("input") or ""
+                instances = rec.get("instances")
+                if not input_text and isinstance(instances, list) and instances and isinstance(instances[0], dict):
+                    input_text = instances[0].get("input") or ""  # self-instruct: the task's first instance
+                text = alpaca_prompt(_require_text(rec, "instruction", source, line), input_text)
                 turns = [text]
             elif isinstance(value, list) and value and all(isinstance(t, str) for t in value):
                 turns, text = value, value[0]

@@ -26,7 +26,8 @@ from typing import Any, Iterator
 MANIFEST = "manifest.json"
 TRACKED_LIBRARIES = ("alignkit", "torch", "transformers", "trl", "datasets", "peft", "accelerate", "argilla")
 # Config keys whose values must never reach a manifest, log or report.
-SECRET_KEY_PATTERN = re.compile(r"(api_key|token|password|secret)", re.IGNORECASE)
+# Matched against whole key names ("hf_token", "ARGILLA_API_KEY"), not inside them ("max_new_tokens").
+SECRET_KEY_PATTERN = re.compile(r"(^|_)(api_?key|token|password|secret|secret_key)$", re.IGNORECASE)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -34,6 +35,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; reports and manifests are for people to read
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

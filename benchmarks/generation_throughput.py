@@ -1,0 +1,128 @@
+"""Generation throughput: left-padded batches vs one prompt at a time (``evals.generate``).
+
+Two workloads, each measured both ways in this process, one after the other, so the ratio
+compares like with like on a noisy machine:
+
+  eval-style       greedy, one reply per prompt (what ``alignkit eval`` does)
+  candidate-style  k sampled replies per prompt (what candidate generation for annotation does):
+                   batched = ``num_return_sequences=k`` over batches of prompts;
+                   one at a time = one call per (prompt, sample)
+
+Throughput is useful tokens per second: generated tokens up to and including EOS, never the
+padding that finished rows keep producing while the rest of their batch runs. On CUDA it also
+prints model FLOPs utilisation: 2 x parameters x (real prompt + generated tokens) per second over
+the GPU's peak bf16 FLOP/s (forward passes only; attention FLOPs are left out, so it is a floor).
+
+  python benchmarks/generation_throughput.py                                   # tiny model
+  python benchmarks/generation_throughput.py --model offline:smollm2-135m-instruct --prompts 8 --max-new-tokens 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def measure(model, tok, prompts, n_params: int, **kwargs) -> dict:
+    from evals.generate import generate
+
+    t0 = time.perf_counter()
+    out = generate(model, tok, prompts, **kwargs)
+    wall = time.perf_counter() - t0
+    prompt_tokens = sum(len(p) for p in out.prompt_ids)  # one prefill per reply (generate expands k)
+    tokens = out.generated_tokens
+    row = {"replies": len(out.texts), "generated_tokens": tokens, "seconds": round(out.seconds, 3),
+           "tokens_per_s": tokens / out.seconds, "wall_s": round(wall, 3), "finished": sum(out.finished)}
+    peak = peak_flops()
+    if peak:
+        row["mfu"] = 2 * n_params * (prompt_tokens + tokens) / out.seconds / peak
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model dir, offline:NAME or Hub id (default: a tiny random model)")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts from the demo set")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per batch in batched mode")
+    ap.add_argument("--k", type=int, default=4, help="sampled replies per prompt, candidate-style")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (on a shared, oversubscribed CPU 1 is often steadier)")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args()
+
+    import torch
+
+    from alignkit.data import DEMO_DATA, load_prompts
+    from alignkit.models import build_tiny_model
+    from evals.generate import generate, load_policy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = None
+    model_name = args.model
+    if model_name is None:
+        tmp = tempfile.TemporaryDirectory()
+        model_name = str(build_tiny_model(Path(tmp.name) / "tiny"))
+    model, tok = load_policy(model_name, device=args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    prompts = [p["prompt"] for p in load_prompts(DEMO_DATA)[: args.prompts]]
+    device = next(model.parameters()).device
+    print(f"model {args.model or 'tiny (random, 2 layers, hidden 64)'}: {n_params / 1e6:.2f}M parameters on {device} "
+          f"({next(model.parameters()).dtype}), torch threads {torch.get_num_threads()}")
+    print(f"{len(prompts)} prompts, max {args.max_new_tokens} new tokens, batch {args.batch_size}, k {args.k}")
+    for bs in (args.batch_size, 1):  # warm-up: the first call at a new batch shape pays one-off costs
+        generate(model, tok, prompts[:bs], max_new_tokens=4, batch_size=bs)
+
+    common = dict(max_new_tokens=args.max_new_tokens, seed=0)
+    figures = {}
+    figures["eval_batched"] = measure(model, tok, prompts, n_params, batch_size=args.batch_size, **common)
+    figures["eval_one_at_a_time"] = measure(model, tok, prompts, n_params, batch_size=1, **common)
+    sample = dict(do_sample=True, temperature=1.0, **common)
+    figures["candidates_batched"] = measure(model, tok, prompts, n_params, batch_size=max(1, args.batch_size // args.k),
+                                            num_return_sequences=args.k, **sample)
+    repeated = [p for p in prompts for _ in range(args.k)]
+    figures["candidates_one_at_a_time"] = measure(model, tok, repeated, n_params, batch_size=1, **sample)
+
+    print(f"\n{'workload':<28}{'replies':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}" + ("   MFU" if peak_flops() else ""))
+    for name, r in figures.items():
+        line = f"{name:<28}{r['replies']:>8}{r['generated_tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.1f}"
+        if "mfu" in r:
+            line += f"  {100 * r['mfu']:.2f}%"
+        print(line)
+    ratios = {
+        "eval_batched_over_one_at_a_time": figures["eval_batched"]["tokens_per_s"] / figures["eval_one_at_a_time"]["tokens_per_s"],
+        "candidates_batched_over_one_at_a_time": figures["candidates_batched"]["tokens_per_s"]
+        / figures["candidates_one_at_a_time"]["tokens_per_s"],
+    }
+    print(f"\nbatched / one-at-a-time tokens/s: eval-style {ratios['eval_batched_over_one_at_a_time']:.2f}x, "
+          f"candidate-style {ratios['candidates_batched_over_one_at_a_time']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"figures": figures, "ratios": ratios, "model": args.model or "tiny",
+                                               "device": str(device)}, indent=2))
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Eval stage: generate from several models on held-out prompts, score, compare, report.
+
+Reads like the stage: load the prompts and check every input, then per model (the KL reference
+first) generate replies with the same seeds, and the per-token log-ratio to the reference on
+those replies; score every reply with the reward model and/or a rule reward and the demo's
+constraint oracle; compute the statistics (:mod:`evals.stats`); write ``eval.json``,
+``generations.jsonl``, ``report.html`` and the manifest.
+
+Launch: ``alignkit eval --config configs/eval.yaml [KEY=VALUE ...]``. What every number means:
+``docs/evaluation.md``.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.config import ConfigError, doc, to_dict
+from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
+from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
+from evals import stats
+
+log = logging.getLogger("alignkit.eval")
+
+RULE = "rule"
+REWARD_MODEL = "reward_model"
+
+
+@dataclass
+class EvalConfig:
+    models: dict[str, str] = doc(
+        "models to evaluate, name -> model (a model dir, a stage run dir holding model/, offline:NAME or a Hub id), "
+        "e.g. {base: offline:smollm2-135m-instruct, sft: runs/quickstart/sft/model, dpo: runs/quickstart/dpo/model}",
+        default_factory=dict)
+    baseline: str = doc("the model (a name in models) that win rates compare against", "sft")
+    kl_reference: str | None = doc("the model (a name in models) the KL is measured to; default: the baseline", None)
+    prompts: str = doc("held-out prompts: an SFT run dir (its heldout_prompts.jsonl) or a prompt file of any shape "
+                       "alignkit.data.load_prompts reads (prompt/instruction/turns fields, messages, bare strings)",
+                       "runs/quickstart/sft")
+    prompt_field: str | None = doc("read the prompt from this field when it is not prompt/instruction/turns/question/text", None)
+    max_prompts: int | None = doc("evaluate only the first N prompts (null: all)", None)
+    reward_model: str | None = doc("reward model dir (a reward run dir or its model/) scored with reward.scoring.RewardScorer; null for none", None)
+    reward_function: str | None = doc("rule reward 'module:function' or 'file.py:function', (prompts: list[str], responses: list[str]) -> list[float]; null for none", None)
+    output_dir: str = doc("this stage's run directory", "runs/quickstart/eval")
+    seed: int = doc("generation seed: every model uses the same seeds (seed + batch index) on the same prompts", 0)
+    max_new_tokens: int = doc("stop a reply after this many tokens (it also stops at EOS)", 128)
+    do_sample: bool = doc("sample (true) or greedy (false); the KL estimate is exact only when sampling at temperature 1 without top-p/top-k", True)
+    temperature: float = doc("sampling temperature", 1.0)
+    top_p: float = doc("nucleus sampling mass (1.0: off)", 1.0)
+    top_k: int = doc("sample among the k likeliest tokens (0: off)", 0)
+    batch_size: int = doc("prompts per generation batch (left-padded)", 8)
+    max_prompt_length: int | None = doc("keep only the last N prompt tokens (null: no truncation)", 1024)
+    reward_batch_size: int = doc("sequences per reward-model forward pass", 16)
+    reward_max_length: int = doc("reward model input limit in tokens (longer conversations lose their oldest tokens)", 1024)
+    compute_kl: bool = doc("estimate KL(model || reference) on each model's own replies (needs a shared vocabulary)", True)
+    oracle: bool = doc("score replies with the demo's constraint oracle on prompts that state a checkable constraint", True)
+    confidence: float = doc("confidence level of every interval", 0.95)
+    report_samples: int = doc("prompts shown side by side in report.html", 12)
+    device: str | None = doc("cuda, cpu, ...; default: CUDA when available", None)
+    cpu_threads: int | None = doc("torch CPU threads during the eval (null: torch's default); on a shared, "
+                                  "oversubscribed CPU, 1 can be several times faster than 2", None)
+    trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
+
+    def __post_init__(self):
+        self.models = {str(k): str(v) for k, v in (self.models or {}).items()}
+        if not self.models:
+            raise ConfigError("eval: models is empty; give name -> model dir, e.g. models.sft=runs/quickstart/sft/model")
+        for key in ("baseline", "kl_reference"):
+            value = getattr(self, key)
+            if value is not None and value not in self.models:
+                raise ConfigError(f"eval: {key} {value!r} is not one of the models ({', '.join(self.models)})")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError("eval: max_prompts must be >= 1 (or null for all)")
+        if not 0 < self.confidence < 1:
+            raise ConfigError("eval: confidence must be between 0 and 1")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("eval: max_new_tokens and batch_size must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def prompts_file(source: str) -> str:
+    """An SFT run directory stands for its held-out prompts."""
+    p = Path(source)
+    if p.is_dir() and (p / "heldout_prompts.jsonl").exists():
+        return str(p / "heldout_prompts.jsonl")
+    return source
+
+
+def load_eval_prompts(cfg: EvalConfig) -> list[dict]:
+    """Prompts as ``{"id", "prompt": messages, "text", "reference"?, "constraint"?}``."""
+    source = prompts_file(cfg.prompts)
+    if not Path(source).exists() and (source.count("/") > 1 or source.startswith((".", "/", "~"))):
+        raise DataError(source, None, "prompts", "not found: give an SFT run dir (holding heldout_prompts.jsonl) "
+                                                 "or a prompt file")
+    prompts = load_prompts(source, field=cfg.prompt_field)
+    try:  # keep a reference answer / stored constraint when the file has them (same order as load_prompts)
+        raw = [rec for _, rec in read_dataset_rows(source)]
+    except Exception:  # noqa: BLE001 - extras only
+        raw = []
+    out = []
+    for i, p in enumerate(prompts[: cfg.max_prompts] if cfg.max_prompts else prompts):
+        rec = raw[i] if i < len(raw) and isinstance(raw[i], dict) else {}
+        item = {"id": p["id"], "prompt": p["prompt"], "text": prompt_text(p["prompt"])}
+        if isinstance(rec.get("reference"), str):
+            item["reference"] = rec["reference"]
+        elif isinstance(rec.get("output"), str) and rec.get("output"):
+            item["reference"] = rec["output"]
+        if isinstance(rec.get("constraint"), dict):
+            item["constraint"] = rec["constraint"]
+        out.append(item)
+    if not out:
+        raise DataError(source, None, None, "no prompts")
+    return out
+
+
+def resolve_models(cfg: EvalConfig) -> dict[str, str]:
+    """name -> what from_pretrained takes; a missing directory is an error naming the model."""
+    from alignkit.models import resolve_model
+    from evals.generate import model_dir_of
+
+    resolved = {}
+    for name, spec in cfg.models.items():
+        spec = model_dir_of(spec)
+        looks_local = not spec.startswith("offline:") and (spec.startswith((".", "/", "~")) or os.sep in spec
+                                                            or Path(spec).exists())
+        if looks_local and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"eval: model {name!r}: {spec}: directory not found (train that stage first, "
+                                    f"or remove {name!r} from models)")
+        try:
+            resolved[name] = resolve_model(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"eval: model {name!r}: {e}") from None
+    return resolved
+
+
+def load_reward_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
+    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
+    module_name, _, name = spec.rpartition(":")
+    if not module_name or not name:
+        raise ConfigError(f"reward_function {spec!r}: expected 'module:function' or 'file.py:function'")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.exists():
+            raise ConfigError(f"reward_function {spec!r}: file {path} not found")
+        module_spec = importlib.util.spec_from_file_location(f"_alignkit_rule_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ConfigError(f"reward_function {spec!r}: cannot import {module_name}: {e}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"reward_function {spec!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# Generation (+ per-token log-ratio to the reference), one model in memory besides the reference
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], run) -> dict[str, dict]:
+    """Per model: texts, token counts, finished flags and (when computed) log p_model - log p_ref.
+
+    Each model's results are cached under ``cache/`` keyed by the model's hash, the prompts and
+    the generation settings, so an interrupted eval resumes after the models it finished.
+    """
+    import torch
+
+    from evals.generate import (
+        encode_prompt,
+        generate,
+        load_policy,
+        same_vocabulary,
+        sequence_logprobs,
+    )
+
+    ref_name = cfg.kl_reference or cfg.baseline
+    order = [ref_name] + [n for n in cfg.models if n != ref_name]
+    gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                      top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.batch_size, seed=cfg.seed,
+                      max_prompt_length=cfg.max_prompt_length)
+    messages = [p["prompt"] for p in prompts]
+    cache_dir = run.dir / "cache"
+    ref_hash = run.inputs.get(f"model:{ref_name}", {}).get("hash")
+    ref = None  # (model, tokenizer), loaded on demand
+    results: dict[str, dict] = {}
+    for name in order:
+        key = _fingerprint(run.inputs.get(f"model:{name}", {}).get("hash") or paths[name], ref_hash, messages,
+                           gen_kwargs, cfg.compute_kl, cfg.device)
+        cached = cache_dir / f"{name}.json"
+        if cached.exists():
+            data = json.loads(cached.read_text())
+            if data.get("key") == key:
+                log.info("eval: %s: reusing generations from %s", name, cached)
+                results[name] = data
+                continue
+        log.info("eval: %s: generating %d replies (%s)", name, len(prompts), paths[name])
+        if name == ref_name:
+            ref = load_policy(paths[name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+            model, tok = ref
+        else:
+            model, tok = load_policy(paths[name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        out = generate(model, tok, messages, **gen_kwargs)
+        log.info("eval: %s: %d tokens in %.1fs", name, out.generated_tokens, out.seconds)
+        data = {"key": key, "texts": out.texts, "n_tokens": out.n_tokens, "finished": out.finished,
+                "seconds": out.seconds, "generated_tokens": out.generated_tokens, "log_ratio": None, "kl_note": None}
+        if name == ref_name:
+            data["log_ratio"] = [0.0] * len(prompts)  # KL of the reference to itself
+        elif cfg.compute_kl:
+            if ref is None:
+                ref = load_policy(paths[ref_name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+            if same_vocabulary(tok, ref[1]):
+                pad = tok.pad_token_id
+                lp_model = sequence_logprobs(model, out.prompt_ids, out.response_ids, pad, cfg.batch_size)
+                ref_prompt_ids = [encode_prompt(ref[1], m) for m in messages]
+                if cfg.max_prompt_length:
+                    ref_prompt_ids = [r[-cfg.max_prompt_length:] for r in ref_prompt_ids]
+                lp_ref = sequence_logprobs(ref[0], ref_prompt_ids, out.response_ids, ref[1].pad_token_id, cfg.batch_size)
+                data["log_ratio"] = [a - b for a, b in zip(lp_model, lp_ref)]
+            else:
+                data["kl_note"] = f"{name} and {ref_name} have different vocabularies: no per-token KL"
+        if name != ref_name:
+            del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        atomic_write_json(cached, data)
+        results[name] = data
+    del ref
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _score(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
+    """source -> model -> one score per prompt."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    if cfg.reward_model:
+        from reward.scoring import RewardScorer
+
+        scorer = RewardScorer(cfg.reward_model, device=cfg.device, batch_size=cfg.reward_batch_size,
+                              max_length=cfg.reward_max_length)
+        scores[REWARD_MODEL] = {name: [float(s) for s in scorer.score([p["prompt"] for p in prompts], g["texts"])]
+                                for name, g in gens.items()}
+        del scorer
+    if cfg.reward_function:
+        fn = load_reward_function(cfg.reward_function)
+        scores[RULE] = {}
+        for name, g in gens.items():
+            values = list(fn([p["text"] for p in prompts], list(g["texts"])))
+            if len(values) != len(prompts):
+                raise ValueError(f"reward_function {cfg.reward_function}: returned {len(values)} scores for {len(prompts)} replies")
+            scores[RULE][name] = [float(v) for v in values]
+    return scores
+
+
+def _oracle(prompts: list[dict], gens: dict[str, dict]) -> tuple[list[dict | None], dict[str, list[float | None]]]:
+    from alignkit.oracle import constraint_score, find_constraint
+
+    constraints = [p.get("constraint") or find_constraint(p["prompt"]) for p in prompts]
+    per_model = {name: [constraint_score(t, c) if c else None for t, c in zip(g["texts"], constraints)]
+                 for name, g in gens.items()}
+    return constraints, per_model
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def compute_results(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict],
+                    scores: dict[str, dict[str, list[float]]], constraints: list, oracle: dict | None) -> dict:
+    """Every number in eval.json, from the per-prompt values."""
+    conf = cfg.confidence
+    base = cfg.baseline
+    ref_name = cfg.kl_reference or cfg.baseline
+    exact_kl = cfg.do_sample and cfg.temperature == 1.0 and cfg.top_p >= 1.0 and cfg.top_k == 0
+    word_len = {n: [words(t) for t in g["texts"]] for n, g in gens.items()}
+    has_oracle = oracle is not None and any(c is not None for c in constraints)
+    oracle_idx = [i for i, c in enumerate(constraints) if c is not None] if has_oracle else []
+    models = {}
+    for name, g in gens.items():
+        m: dict = {
+            "model": cfg.models[name],
+            "length": {"tokens": stats.mean_ci(g["n_tokens"], conf), "words": stats.mean_ci(word_len[name], conf),
+                       "finished_fraction": sum(g["finished"]) / len(g["finished"])},
+            "diversity": {"distinct_1": stats.distinct_n(g["texts"], 1), "distinct_2": stats.distinct_n(g["texts"], 2)},
+            "reward": {src: stats.mean_ci(s[name], conf) for src, s in scores.items()},
+            "generation": {"seconds": g.get("seconds"), "generated_tokens": g.get("generated_tokens")},
+        }
+        if name != base:
+            m["win_rate"] = {src: stats.win_rate(s[name], s[base], conf) for src, s in scores.items()}
+            m["lc_win_rate"] = {src: stats.length_controlled_win_rate(s[name], s[base], word_len[name], word_len[base], conf)
+                                for src, s in scores.items()}
+        if g.get("log_ratio") is not None:
+            m["kl"] = {**stats.mean_ci(g["log_ratio"], conf), "reference": ref_name,
+                       "estimator": "sampled (unbiased)" if exact_kl else
+                       "log-ratio on non-exact samples (greedy, tempered or truncated): not an unbiased KL estimate"}
+        else:
+            m["kl"] = {"mean": None, "ci": [None, None], "reference": ref_name,
+                       "note": g.get("kl_note") or "compute_kl is off"}
+        if has_oracle:
+            vals = [oracle[name][i] for i in oracle_idx]
+            o = {"n": len(vals), "score": stats.mean_ci(vals, conf), "pass": stats.proportion([v >= 1.0 for v in vals], conf)}
+            if name != base:
+                o["win_rate"] = stats.win_rate(vals, [oracle[base][i] for i in oracle_idx], conf)
+            m["oracle"] = o
+        models[name] = m
+    primary = REWARD_MODEL if REWARD_MODEL in scores else (RULE if RULE in scores else None)
+    return {
+        "n_prompts": len(prompts),
+        "prompts": prompts_file(cfg.prompts),
+        "baseline": base,
+        "kl_reference": ref_name,
+        "reward_sources": {**({REWARD_MODEL: cfg.reward_model} if REWARD_MODEL in scores else {}),
+                           **({RULE: cfg.reward_function} if RULE in scores else {})},
+        "primary_reward": primary,
+        "oracle_prompts": len(oracle_idx),
+        "confidence": conf,
+        "length_unit_for_lc": "words (whitespace-separated)",
+        "generation": {"seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
+                       "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                       "batch_size": cfg.batch_size},
+        "models": models,
+    }
+
+
+def flat_metrics(result: dict) -> dict:
+    """The headline numbers for the manifest: ``<model>/<metric>``."""
+    out = {}
+    primary = result["primary_reward"]
+    for name, m in result["models"].items():
+        if primary:
+            out[f"{name}/reward_mean"] = m["reward"][primary]["mean"]
+            if "win_rate" in m:
+                out[f"{name}/win_rate"] = m["win_rate"][primary]["win_rate"]
+                out[f"{name}/lc_win_rate"] = m["lc_win_rate"][primary]["win_rate"]
+        out[f"{name}/kl"] = m["kl"]["mean"]
+        out[f"{name}/words_mean"] = m["length"]["words"]["mean"]
+        out[f"{name}/distinct_2"] = m["diversity"]["distinct_2"]
+        if "oracle" in m:
+            out[f"{name}/oracle_pass_rate"] = m["oracle"]["pass"]["rate"]
+    return out
+
+
+def generation_rows(prompts, gens, scores, constraints, oracle) -> list[dict]:
+    rows = []
+    for i, p in enumerate(prompts):
+        row = {"id": p["id"], "prompt": p["prompt"]}
+        if "reference" in p:
+            row["reference"] = p["reference"]
+        if constraints and constraints[i] is not None:
+            row["constraint"] = constraints[i]
+        row["responses"] = {}
+        for name, g in gens.items():
+            r = {"text": g["texts"][i], "n_tokens": g["n_tokens"][i], "n_words": words(g["texts"][i]),
+                 "finished": g["finished"][i], "rewards": {src: s[name][i] for src, s in scores.items()}}
+            if g.get("log_ratio") is not None:
+                r["log_ratio_to_reference"] = g["log_ratio"][i]
+            if oracle is not None and constraints[i] is not None:
+                r["oracle_score"] = oracle[name][i]
+            row["responses"][name] = r
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
+    prompts = load_eval_prompts(cfg)  # bad input fails here, before anything is written
+    paths = resolve_models(cfg)
+    if cfg.reward_function:
+        load_reward_function(cfg.reward_function)
+    if cfg.reward_model and not Path(cfg.reward_model).exists():
+        raise FileNotFoundError(f"eval: reward_model {cfg.reward_model}: directory not found")
+    if not cfg.reward_model and not cfg.reward_function:
+        log.warning("eval: no reward_model or reward_function: only lengths, KL, diversity and the oracle")
+
+    out = Path(cfg.output_dir)
+    inputs = {"prompts": prompts_file(cfg.prompts), "reward_model": cfg.reward_model,
+              **{f"model:{n}": p for n, p in paths.items()}}
+    rule_file = (cfg.reward_function or "").rpartition(":")[0]
+    if rule_file.endswith(".py"):
+        inputs["reward_function"] = rule_file
+    config = to_dict(cfg)
+    # The run store redacts values of keys that look secret, and its pattern also matches
+    # "max_new_tokens"; a redacted value would no longer tell runs apart, so the manifest also
+    # records a hash of the full config (no secrets in it) to decide "same config".
+    config["config_sha256"] = _fingerprint(config)
+    with stage_run("eval", out, config, inputs, force) as run:
+        if run.skipped:
+            log.info("eval: already completed in %s (use --force to run again)", out)
+            return json.loads((out / "eval.json").read_text())
+        if force:
+            shutil.rmtree(out / "cache", ignore_errors=True)
+        import torch
+
+        threads = torch.get_num_threads()
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        try:
+            gens = _generate_all(cfg, prompts, paths, run)
+        finally:
+            torch.set_num_threads(threads)
+        scores = _score(cfg, prompts, gens)
+        constraints, oracle = _oracle(prompts, gens) if cfg.oracle else ([None] * len(prompts), None)
+        result = compute_results(cfg, prompts, gens, scores, constraints, oracle)
+        rows = generation_rows(prompts, gens, scores, constraints, oracle)
+
+        from evals.report import write_report
+
+        atomic_write_json(out / "eval.json", result)
+        write_jsonl(out / "generations.jsonl", rows)
+        write_report(result, rows, out / "report.html", samples=cfg.report_samples)
+        for key in ("eval.json", "generations.jsonl", "report.html"):
+            run.add_output(key.split(".")[0], out / key)
+        run.metrics.update(flat_metrics(result))
+        _log_summary(result)
+    return result
+
+
+def _log_summary(result: dict) -> None:
+    primary = result["primary_reward"]
+    for name, m in result["models"].items():
+        parts = [f"{name:>10}"]
+        if primary:
+            r = m["reward"][primary]
+            parts.append(f"reward {r['mean']:.3f}")
+            if "win_rate" in m:
+                parts.append(f"win {m['win_rate'][primary]['win_rate']:.2f} (LC {m['lc_win_rate'][primary]['win_rate']:.2f})")
+        if m["kl"]["mean"] is not None:
+            parts.append(f"KL {m['kl']['mean']:.2f}")
+        parts.append(f"words {m['length']['words']['mean']:.1f}")
+        if "oracle" in m:
+            parts.append(f"oracle pass {m['oracle']['pass']['rate']:.2f}")
+        log.info("eval: %s", " | ".join(parts))

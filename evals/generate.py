@@ -1,0 +1,221 @@
+"""Batched, seeded generation through the chat template, and teacher-forced log-probabilities.
+
+Used by ``alignkit eval`` and reusable by any stage that needs responses from a causal LM
+(candidate generation for annotation, rollouts in a smoke run, the generation benchmark)::
+
+    model, tok = load_policy("runs/quickstart/sft/model")
+    out = generate(model, tok, prompts, max_new_tokens=128, do_sample=True, seed=0, batch_size=8)
+    out.texts[i], out.n_tokens[i], out.finished[i], out.response_ids[i]
+
+Prompts are chat messages (``[{"role": "user", "content": ...}]``) or plain strings (one user
+turn). Each is rendered with the tokenizer's chat template and the generation prompt, then
+batched with LEFT padding (new tokens are appended on the right, so every row's last real token
+sits at the same position; transformers derives position ids from the attention mask, so a
+left-padded row generates what it would alone). Generation stops at EOS (the tokenizer's and the
+model's generation-config EOS ids) or after ``max_new_tokens``.
+
+Seeding: the RNG is re-seeded with ``seed + batch_index`` before every batch, after prompts are
+sorted by length (deterministic). Every model evaluated with the same seed and batch size thus
+draws the same random stream on the same prompts, batches do not depend on what ran before,
+and two runs with the same settings give the same texts. ``batch_size=1`` is the
+one-prompt-at-a-time mode (used by ``benchmarks/generation_throughput.py`` as the baseline).
+
+With ``num_return_sequences=k`` every prompt gets ``k`` responses, returned prompt-major:
+responses of prompt ``i`` are at indices ``i*k ... i*k+k-1``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class GenerationResult:
+    """Responses in prompt order (prompt-major when several per prompt)."""
+
+    texts: list[str]
+    n_tokens: list[int]  # tokens of the reply, not counting the stop (EOS) token
+    finished: list[bool]  # True when the model emitted EOS before max_new_tokens
+    prompt_ids: list[list[int]]  # the rendered prompt, per response
+    response_ids: list[list[int]]  # generated ids up to and including EOS, no padding
+    seconds: float = 0.0  # wall time spent in generate()
+    batches: int = 0
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def generated_tokens(self) -> int:
+        """All generated tokens, EOS included (the throughput numerator)."""
+        return sum(len(r) for r in self.response_ids)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_policy(name_or_dir: str, device: str | None = None, dtype: torch.dtype | None = None,
+                trust_remote_code: bool = False):
+    """Causal LM + tokenizer (left padding, chat template, distinct pad) ready for :func:`generate`.
+
+    ``name_or_dir`` is anything a config's ``model:`` takes (a local dir, ``offline:...``, a Hub id).
+    fp32 on CPU, bf16 on CUDA where supported.
+    """
+    from alignkit.models import (
+        device_and_dtype,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_model,
+    )
+
+    path = resolve_model(name_or_dir)
+    device = device or default_device()
+    if dtype is None:
+        dtype = device_and_dtype()[1] if device.startswith("cuda") else torch.float32
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, padding_side="left")
+    model = load_causal_lm(path, tokenizer, trust_remote_code=trust_remote_code, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def encode_prompt(tokenizer, prompt: Messages | str) -> list[int]:
+    """Token ids of the prompt through the chat template, ending with the assistant's header.
+
+    The rendered text is tokenised without adding special tokens again (a template that starts
+    with BOS already wrote it), the same convention as ``reward.scoring.conversation_ids``.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             num_return_sequences: int = 1, batch_size: int = 8, seed: int = 0,
+             max_prompt_length: int | None = None) -> GenerationResult:
+    """Generate replies to ``prompts`` in left-padded batches of ``batch_size`` prompts.
+
+    Greedy when ``do_sample`` is false; otherwise ancestral sampling with ``temperature``,
+    ``top_p`` (1.0 = off) and ``top_k`` (0 = off). ``max_prompt_length`` keeps the last N
+    prompt tokens (None: no truncation). See the module docstring for seeding and ordering.
+    """
+    from transformers import GenerationConfig
+
+    if batch_size < 1 or num_return_sequences < 1 or max_new_tokens < 1:
+        raise ValueError("generate: batch_size, num_return_sequences and max_new_tokens must be >= 1")
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if max_prompt_length:
+        encoded = [e[-max_prompt_length:] for e in encoded]
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
+                    eos_token_id=stops, pad_token_id=pad_id)
+    if do_sample:
+        settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    gen_config = GenerationConfig(**settings)
+
+    k = num_return_sequences
+    n = len(encoded)
+    out_ids: list[list[int] | None] = [None] * (n * k)
+    finished: list[bool] = [False] * (n * k)
+    # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
+    order = sorted(range(n), key=lambda i: (-len(encoded[i]), i))
+    t0 = time.perf_counter()
+    batches = 0
+    for b, start in enumerate(range(0, n, batch_size)):
+        idx = order[start:start + batch_size]
+        input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad_id)
+        torch.manual_seed(seed + b)
+        if device.type == "cuda":
+            torch.cuda.manual_seed_all(seed + b)
+        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                              generation_config=gen_config)
+        new = seqs[:, input_ids.shape[1]:].tolist()
+        batches += 1
+        for row, ids in enumerate(new):
+            prompt_i, sample_j = idx[row // k], row % k
+            cut = next((t for t, tok in enumerate(ids) if tok in stops), None)
+            target = prompt_i * k + sample_j
+            out_ids[target] = ids[:cut + 1] if cut is not None else ids
+            finished[target] = cut is not None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+
+    texts, n_tokens = [], []
+    for ids, fin in zip(out_ids, finished):
+        body = ids[:-1] if fin else ids
+        texts.append(tokenizer.decode(body, skip_special_tokens=True).strip())
+        n_tokens.append(len(body))
+    settings_out = {kk: v for kk, v in settings.items() if kk not in ("eos_token_id", "pad_token_id")}
+    settings_out.update(batch_size=batch_size, seed=seed, stop_token_ids=stops)
+    return GenerationResult(texts=texts, n_tokens=n_tokens, finished=finished,
+                            prompt_ids=[encoded[i // k] for i in range(n * k)], response_ids=out_ids,
+                            seconds=seconds, batches=batches, settings=settings_out)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int,
+                      batch_size: int = 8) -> list[float]:
+    """Sum over response tokens of ``log p(token | prompt, earlier tokens)`` under ``model``.
+
+    Teacher forcing on ``prompt + response`` with RIGHT padding (each real token keeps the
+    position it had alone). An empty response sums to 0.
+    """
+    device = next(model.parameters()).device
+    totals = [0.0] * len(prompt_ids)
+    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
+    for start in range(0, len(order), batch_size):
+        idx = [i for i in order[start:start + batch_size] if response_ids[i]]
+        if not idx:
+            continue
+        seqs = [prompt_ids[i] + response_ids[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(seqs):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        for r, i in enumerate(idx):
+            p, L = len(prompt_ids[i]), len(response_ids[i])
+            # token at position t is predicted by logits at t-1: response tokens p..p+L-1
+            totals[i] = float(logp[r, p - 1:p - 1 + L].sum().cpu())
+    return totals
+
+
+def same_vocabulary(tok_a, tok_b) -> bool:
+    """True when token ids mean the same strings in both tokenizers (needed for a per-token KL)."""
+    return tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def model_dir_of(name_or_dir: str) -> str:
+    """A stage run directory (``runs/x/sft``) -> its ``model/`` subdirectory; anything else unchanged."""
+    p = Path(str(name_or_dir))
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        return str(p / "model")
+    return str(name_or_dir)

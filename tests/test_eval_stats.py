@@ -1,0 +1,107 @@
+"""evals/stats.py against hand-computed cases (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from evals import stats
+
+Z = 1.959963984540054  # the 97.5% normal quantile
+
+
+def test_win_rate_counts_ties_half_and_wilson_interval():
+    # diffs: 7 wins, 2 ties, 1 loss -> (7 + 2/2) / 10 = 0.8
+    model = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    base = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    w = stats.win_rate(model, base)
+    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (7, 2, 1, 10)
+    assert w["win_rate"] == pytest.approx(0.8)
+    # Wilson, p = 0.8, n = 10, z² = 3.841459:
+    #   denom  = 1 + z²/n = 1.3841459
+    #   center = (0.8 + z²/20) / denom = 0.9920730 / 1.3841459 = 0.716738
+    #   half   = z / denom * sqrt(0.8*0.2/10 + z²/400) = 1.416009 * sqrt(0.0256036) = 0.226577
+    lo, hi = w["ci"]
+    assert lo == pytest.approx(0.716738 - 0.226577, abs=1e-5)
+    assert hi == pytest.approx(0.716738 + 0.226577, abs=1e-5)
+    # the same numbers straight from the formula
+    p, n = 0.8, 10
+    center = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
+    half = Z / (1 + Z * Z / n) * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
+    assert (lo, hi) == pytest.approx((center - half, center + half))
+
+
+def test_win_rate_edges():
+    # all ties -> 0.5; identical models can never look better or worse than each other
+    assert stats.win_rate([3, 3, 3], [3, 3, 3])["win_rate"] == 0.5
+    # all wins -> 1.0, but the Wilson interval is not zero-width: n = 4, p = 1:
+    #   center = (1 + z²/8) / (1 + z²/4) = 1.480182 / 1.960365 = 0.755055
+    #   half   = z/(1+z²/4) * sqrt(z²/64) = 0.999793 * 0.244995 = 0.244945  -> [0.51011, 1]
+    w = stats.win_rate([2, 2, 2, 2], [1, 1, 1, 1])
+    assert w["win_rate"] == 1.0
+    assert w["ci"][0] == pytest.approx(0.755055 - 0.244945, abs=1e-5)
+    assert w["ci"][1] == pytest.approx(1.0)
+    # ties within a tolerance
+    assert stats.win_rate([1.0, 2.0], [1.05, 1.0], tie_tolerance=0.1)["ties"] == 1
+    with pytest.raises(ValueError):
+        stats.win_rate([1, 2], [1])
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_effect():
+    # The model is longer by l = 0, 2, 4, 6 words and its reward difference is exactly
+    # d = -0.5 + 0.5·l = -0.5, 0.5, 1.5, 2.5: it wins 3 of 4 only by being longer.
+    # OLS: mean l = 3, mean d = 1; Σ(l-3)(d-1) = (-3)(-1.5) + (-1)(-0.5) + (1)(0.5) + (3)(1.5) = 10,
+    #      Σ(l-3)² = 9 + 1 + 1 + 9 = 20 -> slope b = 0.5, intercept a = 1 - 0.5·3 = -0.5.
+    # Adjusted d - b·l = -0.5 for every prompt: 4 losses -> LC win rate 0.
+    model_r, base_r = [-0.5, 0.5, 1.5, 2.5], [0, 0, 0, 0]
+    model_len, base_len = [10, 12, 14, 16], [10, 10, 10, 10]
+    assert stats.win_rate(model_r, base_r)["win_rate"] == 0.75
+    lc = stats.length_controlled_win_rate(model_r, base_r, model_len, base_len)
+    assert lc["slope"] == pytest.approx(0.5)
+    assert lc["intercept"] == pytest.approx(-0.5)
+    assert lc["win_rate"] == 0.0 and lc["losses"] == 4
+    assert lc["slope_estimated"] and lc["mean_length_difference"] == 3.0
+
+
+def test_length_controlled_win_rate_with_noise():
+    # l = -2, 0, 2, 4 and d = -1, 1, 1, 3 (raw: 3 wins, 1 loss = 0.75).
+    # mean l = 1, mean d = 1; deviations l: -3, -1, 1, 3; d: -2, 0, 0, 2
+    # slope = (6 + 0 + 0 + 6) / (9 + 1 + 1 + 9) = 12/20 = 0.6; intercept = 1 - 0.6 = 0.4
+    # adjusted = d - 0.6·l = -1+1.2, 1-0, 1-1.2, 3-2.4 = 0.2, 1.0, -0.2, 0.6 -> 3 wins, 1 loss = 0.75
+    lc = stats.length_controlled_win_rate([-1, 1, 1, 3], [0, 0, 0, 0], [8, 10, 12, 14], [10, 10, 10, 10])
+    assert lc["slope"] == pytest.approx(0.6)
+    assert lc["intercept"] == pytest.approx(0.4)
+    assert (lc["wins"], lc["losses"], lc["win_rate"]) == (3, 1, 0.75)
+    # Wilson with 3 of 4: same arithmetic as above with p = 0.75
+    assert lc["ci"] == pytest.approx(stats.wilson_interval(3, 4))
+
+
+def test_length_controlled_win_rate_without_length_variation_is_the_plain_win_rate():
+    # every length difference is 5: the slope cannot be estimated -> b = 0, adjusted = raw
+    lc = stats.length_controlled_win_rate([1, 0, 2], [0, 1, 2], [6, 6, 6], [1, 1, 1])
+    assert not lc["slope_estimated"] and lc["slope"] == 0.0
+    # raw diffs 1, -1, 0 -> 1 win, 1 loss, 1 tie = 0.5
+    assert lc["win_rate"] == stats.win_rate([1, 0, 2], [0, 1, 2])["win_rate"] == 0.5
+
+
+def test_distinct_n():
+    # unigrams: the cat the cat | a dog -> 6 in all, distinct {the, cat, a, dog} = 4 -> 4/6
+    # bigrams (never across replies): (the cat) (cat the) (the cat) | (a dog) -> 4, distinct 3 -> 3/4
+    texts = ["The cat the cat", "a dog"]
+    assert stats.distinct_n(texts, 1) == pytest.approx(4 / 6)
+    assert stats.distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert stats.distinct_n(["", "one"], 2) == 0.0  # no bigrams at all
+    assert stats.distinct_n(["a b c", "d e f"], 2) == 1.0
+
+
+def test_mean_ci_and_proportion():
+    # 1..5: mean 3, s = sqrt(10/4) = 1.581139, se = s/sqrt(5) = 0.707107, t(0.975, 4) = 2.776445
+    # half = 1.963243 -> [1.036757, 4.963243]
+    m = stats.mean_ci([1, 2, 3, 4, 5])
+    assert m["mean"] == 3.0 and m["std"] == pytest.approx(1.581139, abs=1e-6)
+    assert m["ci"] == pytest.approx([1.036757, 4.963243], abs=1e-6)
+    assert stats.mean_ci([2.0])["ci"] == [None, None]
+    assert stats.mean_ci([])["mean"] is None
+    p = stats.proportion([True, False, True, True])
+    assert p["rate"] == 0.75 and p["ci"] == pytest.approx(stats.wilson_interval(3, 4))
