@@ -1,0 +1,302 @@
+"""DPO stage: direct preference optimisation of the SFT policy with TRL's DPOTrainer.
+
+Reads like the stage: load the preference pairs (any format ``alignkit.data.load_preferences``
+parses: the annotation export, TRL preference JSONL, HH-RLHF transcripts), split off a seeded eval
+set (or read ``eval_data``) and check its prompts for leakage into the training pairs, build the
+policy (full, LoRA or QLoRA) and its reference, measure the implicit DPO reward on the eval set,
+train with checkpoints (resuming the last one), measure again, save the model and the manifest.
+
+The implicit reward of a reply is ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Rafailov et al.
+2023); the manifest records, on the eval pairs, before and after training, the fraction of pairs
+whose chosen reply gets the higher reward (``reward_accuracy``; a tie counts as wrong, so it is 0
+before training, when pi = pi_ref) and the mean reward margin chosen - rejected.
+
+Reference model: with LoRA/QLoRA it is the policy with its adapter disabled (no second copy);
+with full fine-tuning a second, frozen copy; with ``precompute_ref_log_probs`` the reference
+log-probs are computed once before training and no reference is kept.
+
+Launch: ``alignkit align dpo --config configs/dpo.yaml [KEY=VALUE ...]``; several processes:
+``torchrun --nproc_per_node 2 -m alignkit.cli align dpo --config ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.config import ConfigError, doc, to_dict
+from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
+from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
+from alignkit.runstore import atomic_write_json, is_main_process, stage_run
+from sft.train import LoraOptions
+
+log = logging.getLogger("alignkit.dpo")
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOStageConfig:
+    model: str = doc("policy to align (and, frozen, the reference): the SFT stage's model directory", "runs/quickstart/sft/model")
+    data: str = doc("preference pairs: the annotation export, TRL preference JSONL ({prompt, chosen, rejected}), "
+                    "HH-RLHF transcripts, an HF dataset dir or Hub name", "runs/quickstart/annotate/export/pairs.jsonl")
+    eval_data: str | None = doc("held-out preference pairs; default: eval_fraction of data, split with seed", None)
+    eval_fraction: float = doc("fraction of the prompts (with all their pairs) held out for the before/after "
+                               "implicit-reward evaluation", 0.1)
+    on_bad_pair: str = doc("well-formed but useless pairs (identical or empty replies): 'drop' (counted) or 'error'", "drop")
+    max_pairs: int | None = doc("use only the first N pairs (smoke runs)", None)
+    output_dir: str = doc("this stage's run directory", "runs/quickstart/dpo")
+    seed: int = doc("seed for the split, adapter initialisation and data order", 0)
+    loss_type: list[str] = doc("DPO loss(es): sigmoid (DPO), ipo, hinge (SLiC), robust, exo_pair, nca_pair, bco_pair, "
+                               "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft; several "
+                               "are summed with loss_weights", default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = doc("weights of the losses in loss_type (default: 1 each)", None)
+    beta: float = doc("DPO beta: strength of the implicit KL constraint to the reference (IPO: tau)", 0.1)
+    label_smoothing: float = doc("robust DPO: assumed label-flip probability in [0, 0.5); exo_pair: epsilon", 0.0)
+    max_length: int = doc("truncate prompt + reply to this many tokens (the end of long replies is cut)", 512)
+    precompute_ref_log_probs: bool = doc("compute the reference log-probs once before training (no reference in memory)", False)
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options (the reference is the policy with the adapter disabled)"})
+    qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
+    epochs: float = doc("passes over the training pairs", 1.0)
+    max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
+    learning_rate: float = doc("peak learning rate (full fine-tuning wants ~5e-7..5e-6; LoRA ~1e-5..1e-4)", 5e-6)
+    lr_scheduler: str = doc("transformers scheduler name", "cosine")
+    warmup_ratio: float = doc("fraction of steps spent warming up the learning rate", 0.1)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    batch_size: int = doc("pairs per device per step", 4)
+    grad_accum: int = doc("gradient accumulation steps", 1)
+    eval_steps: int = doc("evaluate every N steps", 50)
+    save_steps: int = doc("checkpoint every N steps (resume starts from the last one)", 50)
+    save_total_limit: int = doc("checkpoints kept", 2)
+    logging_steps: int = doc("log every N steps", 10)
+    gradient_checkpointing: bool = doc("trade compute for memory", False)
+    bf16: bool | None = doc("bf16 training; default: on for CUDA GPUs that support it, off on CPU", None)
+    trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
+
+    def check(self) -> None:
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown or not self.loss_type:
+            raise ConfigError(f"dpo: loss_type {unknown or self.loss_type}: expected one or more of {', '.join(LOSS_TYPES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ConfigError(f"dpo: {len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss types")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError("dpo: eval_fraction must be in [0, 1)")
+        if self.qlora:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("dpo: qlora (4-bit) needs a CUDA GPU; on CPU use lora.enabled=true instead")
+
+
+def _as_trl_pair(p: dict) -> dict:
+    return {"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+
+
+def prepare_data(cfg: DPOStageConfig) -> dict:
+    """Load, check and split the pairs; nothing is written here, so bad input leaves no trace."""
+    prefs = load_preferences(cfg.data, on_bad_pair=cfg.on_bad_pair)
+    pairs = prefs.pairs[: cfg.max_pairs] if cfg.max_pairs else prefs.pairs
+    if cfg.eval_data:
+        train_pairs, eval_pairs = pairs, load_preferences(cfg.eval_data, on_bad_pair=cfg.on_bad_pair).pairs
+    else:
+        # Split over prompts, not pairs: the annotation export holds several pairs per prompt
+        # (k replies ranked), and a split over pairs would put one prompt on both sides.
+        keys = sorted({prompt_text(p["prompt"]) for p in pairs})
+        held = set(seeded_split(keys, {"train": 0, "eval": cfg.eval_fraction}, cfg.seed)["eval"])
+        train_pairs = [p for p in pairs if prompt_text(p["prompt"]) not in held]
+        eval_pairs = [p for p in pairs if prompt_text(p["prompt"]) in held]
+    if not train_pairs:
+        raise ConfigError(f"{cfg.data}: no training pairs left after the split ({len(pairs)} pairs)")
+    if not eval_pairs:
+        raise ConfigError(f"{cfg.data}: no eval pairs ({len(pairs)} pairs, eval_fraction {cfg.eval_fraction}); "
+                          "raise eval_fraction or give eval_data")
+    leakage = check_leakage([p["prompt"] for p in eval_pairs], [p["prompt"] for p in train_pairs])
+    return {"train": [_as_trl_pair(p) for p in train_pairs], "eval": [_as_trl_pair(p) for p in eval_pairs],
+            "format": prefs.format, "dropped": prefs.dropped, "leakage": leakage}
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> str | None:
+    ckpts = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if ckpt_dir.exists() else []
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[1]))) if ckpts else None
+
+
+def _implicit_reward_metrics(metrics: dict) -> dict:
+    return {
+        "reward_accuracy": metrics.get("eval_rewards/accuracies"),
+        "reward_margin": metrics.get("eval_rewards/margins"),
+        "reward_chosen": metrics.get("eval_rewards/chosen"),
+        "reward_rejected": metrics.get("eval_rewards/rejected"),
+        "loss": metrics.get("eval_loss"),
+    }
+
+
+def train(cfg: DPOStageConfig, force: bool = False) -> dict:
+    cfg.check()
+    data = prepare_data(cfg)  # before any heavy import or write: bad input fails fast and leaves nothing
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    model_path = resolve_model(cfg.model)
+    out = Path(cfg.output_dir)
+    inputs = {"data": cfg.data, "eval_data": cfg.eval_data, "model": model_path}
+    with stage_run("dpo", out, to_dict(cfg), inputs, force) as run:
+        if run.skipped:
+            if is_main_process():
+                print(f"dpo: already completed in {out} (use --force to run again)")
+            return run.previous
+        if is_main_process() and (force or not run.resuming):
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "initial_eval.json").unlink(missing_ok=True)
+        run.notes.update({"format": data["format"], "dropped_pairs": data["dropped"], "leakage": data["leakage"],
+                          "split_sizes": {"train": len(data["train"]), "eval": len(data["eval"])}})
+        log.info("dpo: %d train / %d eval pairs (%s); dropped %s; eval prompts also in training: %d exact, %d normalised",
+                 len(data["train"]), len(data["eval"]), data["format"], data["dropped"],
+                 data["leakage"]["exact_duplicates"], data["leakage"]["normalized_duplicates"])
+
+        cuda = torch.cuda.is_available()
+        bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+        quantization_config = _qlora_config(dtype) if cfg.qlora else None
+        load_kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization_config, **load_kw)
+        match_tokenizer(model, tokenizer)
+        peft_config, ref_model = None, None
+        if cfg.lora.enabled or cfg.qlora:
+            from peft import LoraConfig
+
+            targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [
+                t.strip() for t in cfg.lora.target_modules.split(",")]
+            peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=targets, task_type="CAUSAL_LM")
+        elif not cfg.precompute_ref_log_probs:
+            # Our own frozen copy, built like the policy (TRL would reload it from the path, without
+            # the embeddings that match_tokenizer may have grown).
+            ref_model = AutoModelForCausalLM.from_pretrained(model_path, **load_kw)
+            match_tokenizer(ref_model, tokenizer)
+
+        args = DPOConfig(
+            output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
+            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
+            save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+            logging_steps=cfg.logging_steps, report_to="none",  # TensorBoard: our callback below
+            bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not cuda,
+            loss_type=list(cfg.loss_type), loss_weights=cfg.loss_weights, beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
+            precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+            dataset_num_proc=None, dataloader_num_workers=0,
+        )
+        # Datasets live in files under the run directory, written by the main process first: TRL's
+        # tokenisation and reference log-prob caches then sit beside them, shared by every rank (an
+        # in-memory dataset would put them in a per-process temp dir that the other ranks cannot see).
+        with args.main_process_first(local=False, desc="dpo datasets"):
+            train_ds = _shared_dataset(data["train"], out / "data" / "train")
+            eval_ds = _shared_dataset(data["eval"], out / "data" / "eval")
+        # TensorBoard in <run>/tensorboard. transformers' own callback, left alone, writes to
+        # ./runs/<date> in the working directory when the first log (our "before" evaluation)
+        # comes before training starts.
+        from transformers.integrations import TensorBoardCallback
+
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(out / "tensorboard")
+        trainer = DPOTrainer(
+            model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
+            train_dataset=train_ds, eval_dataset=eval_ds, callbacks=[tensorboard],
+        )
+
+        # TRL drops pairs whose prompt alone fills max_length, silently: count them.
+        run.notes["dropped_too_long"] = {"train": len(data["train"]) - len(trainer.train_dataset),
+                                         "eval": len(data["eval"]) - len(trainer.eval_dataset)}
+        if any(run.notes["dropped_too_long"].values()):
+            log.warning("dpo: pairs dropped because the prompt fills max_length=%d: %s", cfg.max_length,
+                        run.notes["dropped_too_long"])
+
+        # Measured once before training and kept, so a resumed run reports the same "before".
+        initial_path = out / "initial_eval.json"
+        if initial_path.exists():
+            initial = json.loads(initial_path.read_text())
+        else:
+            initial = trainer.evaluate()
+            if is_main_process():
+                atomic_write_json(initial_path, initial)
+        resume_from = _latest_checkpoint(out / "checkpoints")
+        if resume_from:
+            log.info("dpo: resuming from %s", resume_from)
+            run.notes["resumed_from"] = resume_from
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        final = trainer.evaluate()
+
+        model_dir = out / "model"
+        _save_model(trainer, tokenizer, model_dir, merge=peft_config is not None and cfg.lora.merge)
+        run.add_output("model", model_dir)
+        run.add_output("checkpoints", out / "checkpoints")
+        run.add_output("tensorboard", out / "tensorboard")
+        before, after = _implicit_reward_metrics(initial), _implicit_reward_metrics(final)
+        run.metrics.update({
+            "eval_before": before, "eval_after": after,
+            "eval_reward_accuracy_before": before["reward_accuracy"], "eval_reward_accuracy_after": after["reward_accuracy"],
+            "eval_reward_margin_before": before["reward_margin"], "eval_reward_margin_after": after["reward_margin"],
+            "train_loss": result.training_loss, "global_step": result.global_step,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "train_pairs_per_second": result.metrics.get("train_samples_per_second"),
+        })
+        if is_main_process():
+            print(f"dpo: done. eval reward accuracy {before['reward_accuracy']:.3f} -> {after['reward_accuracy']:.3f}, "
+                  f"margin {before['reward_margin']:.4f} -> {after['reward_margin']:.4f}\n"
+                  f"  model:    {model_dir}\n  manifest: {out / 'manifest.json'}")
+    return run.manifest("completed")
+
+
+def _shared_dataset(rows: list[dict], path: Path):
+    """An Arrow dataset saved at ``path`` (rewritten by the main process only when its rows changed)."""
+    import hashlib
+
+    from datasets import Dataset, load_from_disk
+
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    stamp = path / "rows.sha256"
+    if is_main_process() and not (stamp.exists() and stamp.read_text() == digest):
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        Dataset.from_list(rows).save_to_disk(str(tmp))
+        (tmp / "rows.sha256").write_text(digest)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return load_from_disk(str(path))
+
+
+def _qlora_config(dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("dpo: qlora needs bitsandbytes (pip install 'alignkit[qlora]')") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def _save_model(trainer, tokenizer, model_dir: Path, merge: bool) -> None:
+    """Save through a temp dir + rename so a crash never leaves half a model under ``model/``."""
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if merge:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    os.replace(tmp, model_dir)

@@ -1,0 +1,109 @@
+"""DPO (rlhf/dpo.py) trained for real on the tiny model.
+
+The preference is one a 2-layer random model can learn and generalise: the chosen reply is made of
+numbers, the rejected one of words. The eval pairs have prompts and replies the training pairs do
+not, so a held-out implicit-reward accuracy well above chance means the preference was learned.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.config import ConfigError, from_dict
+from alignkit.runstore import read_manifest
+from rlhf.dpo import DPOStageConfig, train
+
+PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a short poem about the sea.",
+           "Answer in one word.", "Summarise the text below.", "Translate the sentence into French.", "Explain photosynthesis."]
+WORDS = ["Good.", "Bad.", "Yes.", "No.", "I cannot help with that.", "The sea is wide and blue.", "Eat a balanced diet."]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models run far faster on one thread of a shared 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+def write_pairs(path: Path, n: int, seed: int, conversational: bool = False) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = f"{rng.choice(PROMPTS)} ({seed}-{i})"
+        chosen = " ".join(str(rng.randrange(100)) for _ in range(rng.randint(1, 3)))
+        rejected = rng.choice(WORDS)
+        if conversational:  # the annotation export's shape
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}], "item_id": f"item-{i}"})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo_data")
+    return write_pairs(d / "train.jsonl", 64, seed=1, conversational=True), write_pairs(d / "heldout.jsonl", 24, seed=2)
+
+
+def dpo_config(tiny_model, pairs, out, **overrides):
+    train_file, heldout = pairs
+    cfg = {"model": str(tiny_model), "data": str(train_file), "eval_data": str(heldout), "output_dir": str(out),
+           "learning_rate": 1e-3, "epochs": 2, "batch_size": 8, "max_length": 128, "warmup_ratio": 0.0,
+           "eval_steps": 1000, "save_steps": 8, "logging_steps": 4}
+    cfg.update(overrides)
+    return from_dict(DPOStageConfig, cfg)
+
+
+def test_dpo_learns_a_preference_that_generalises(tiny_model, pairs, tmp_path, monkeypatch):
+    out = tmp_path / "dpo"
+    monkeypatch.chdir(tmp_path)
+    manifest = train(dpo_config(tiny_model, pairs, out))
+    m = manifest["metrics"]
+    assert m["eval_reward_accuracy_before"] <= 0.5  # pi == pi_ref: every implicit reward is 0, ties count as wrong
+    assert m["eval_reward_accuracy_after"] >= 0.7, m
+    assert m["eval_reward_margin_after"] > m["eval_reward_margin_before"]
+    assert m["eval_after"]["loss"] < m["eval_before"]["loss"]
+    assert read_manifest(out)["status"] == "completed"
+    assert read_manifest(out)["notes"]["split_sizes"] == {"train": 64, "eval": 24}
+    assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer_config.json").exists()
+    assert list((out / "checkpoints").glob("checkpoint-*"))
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "runs").exists()  # transformers' default TensorBoard dir in the working directory
+    # completed with the same config and inputs: a no-op
+    again = train(dpo_config(tiny_model, pairs, out))
+    assert again["metrics"] == read_manifest(out)["metrics"]
+
+
+def test_dpo_lora_ipo_with_precomputed_reference(tiny_model, pairs, tmp_path):
+    """LoRA: the reference is the policy with its adapter disabled; the saved model is merged."""
+    out = tmp_path / "dpo_lora"
+    manifest = train(dpo_config(tiny_model, pairs, out, loss_type=["ipo"], beta=0.5, precompute_ref_log_probs=True,
+                                learning_rate=3e-3, **{"lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}}))
+    m = manifest["metrics"]
+    assert m["eval_reward_accuracy_after"] >= 0.7, m
+    assert not (out / "model" / "adapter_config.json").exists()  # merged into a plain model
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message; QLoRA itself needs a GPU")
+def test_qlora_on_cpu_is_a_clear_error(tiny_model, pairs, tmp_path):
+    with pytest.raises(ConfigError, match="CUDA"):
+        train(dpo_config(tiny_model, pairs, tmp_path / "q", qlora=True))
+    assert not (tmp_path / "q").exists()  # nothing half-written
+
+
+def test_unknown_loss_type_is_a_clear_error(tiny_model, pairs, tmp_path):
+    with pytest.raises(ConfigError, match="loss_type"):
+        train(dpo_config(tiny_model, pairs, tmp_path / "x", loss_type=["nonsense"]))
