@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
+from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
 from evals import stats
 
@@ -144,31 +141,6 @@ def resolve_models(cfg: EvalConfig) -> dict[str, str]:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"eval: model {name!r}: {e}") from None
     return resolved
-
-
-def load_reward_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
-    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
-    module_name, _, name = spec.rpartition(":")
-    if not module_name or not name:
-        raise ConfigError(f"reward_function {spec!r}: expected 'module:function' or 'file.py:function'")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.exists():
-            raise ConfigError(f"reward_function {spec!r}: file {path} not found")
-        module_spec = importlib.util.spec_from_file_location(f"_alignkit_rule_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ConfigError(f"reward_function {spec!r}: cannot import {module_name}: {e}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward_function {spec!r}: {module_name} has no function {name!r}")
-    return fn
 
 
 # --------------------------------------------------------------------------------------------

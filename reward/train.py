@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from pathlib import Path
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, check_leakage, load_preferences, seeded_split
 from alignkit.models import load_tokenizer, resolve_model
-from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
+from alignkit.runstore import is_main_process, stage_run, write_jsonl
+from alignkit.training import evaluate_once, latest_checkpoint, lora_config, save_trained_model, tensorboard_callback
 from reward.scoring import conversation_ids, truncate_left
 from sft.train import LoraOptions
 
@@ -243,11 +243,6 @@ class _AspectCollator:
 # The recipe
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> str | None:
-    ckpts = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if ckpt_dir.exists() else []
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[1]))) if ckpts else None
-
-
 def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
     data = prepare_data(cfg)  # bad input fails here and leaves nothing behind
 
@@ -310,13 +305,8 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             model.config.num_labels = 1
         peft_config = None
         if cfg.lora.enabled:
-            from peft import LoraConfig
-
-            targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [
-                t.strip() for t in cfg.lora.target_modules.split(",")]
             # SEQ_CLS makes PEFT train the (new) score head fully, beside the adapters.
-            peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                     target_modules=targets, task_type="SEQ_CLS")
+            peft_config = lora_config(cfg.lora, "SEQ_CLS")
 
         has_eval = bool(eval_rows)
         args = RewardConfig(
@@ -326,7 +316,8 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps" if has_eval else "no",
             eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
-            save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, report_to=["tensorboard"],
+            save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps,
+            report_to="none",  # TensorBoard: our callback below
             bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not cuda,
             max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
             remove_unused_columns=False, dataset_num_proc=None, dataloader_num_workers=0,
@@ -336,6 +327,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
             data_collator=_AspectCollator(collator) if aspects else collator,
             train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if has_eval else None,
+            callbacks=[tensorboard_callback(out / "tensorboard")],
         )
         trainer.aspect_loss_weight = cfg.aspect_loss_weight
         # Our length policy ran first, so TRL's silent length filter must have dropped nothing.
@@ -345,15 +337,8 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             model.config.label2id = {label: i for i, label in enumerate(labels)}
 
         # Held-out accuracy before training, measured once (a resumed run reports the same figure).
-        initial_path, initial = out / "initial_eval.json", {}
-        if has_eval:
-            if initial_path.exists():
-                initial = json.loads(initial_path.read_text())
-            else:
-                initial = trainer.evaluate()
-                if is_main_process():
-                    atomic_write_json(initial_path, initial)
-        resume_from = _latest_checkpoint(out / "checkpoints")
+        initial = evaluate_once(trainer, out / "initial_eval.json") if has_eval else {}
+        resume_from = latest_checkpoint(out / "checkpoints")
         if resume_from:
             log.info("reward: resuming from %s", resume_from)
             run.notes["resumed_from"] = resume_from
@@ -362,11 +347,12 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
 
         model_dir = out / "model"
         if peft_config is not None and not cfg.lora.merge:  # the adapters alone, beside the merged model
-            _save_model(trainer, tokenizer, out / "adapter", merge=False)
+            save_trained_model(trainer, tokenizer, out / "adapter", merge=False, padding_side="right")
             run.add_output("adapter", out / "adapter")
-        _save_model(trainer, tokenizer, model_dir, merge=peft_config is not None)
+        save_trained_model(trainer, tokenizer, model_dir, merge=peft_config is not None, padding_side="right")
         run.add_output("model", model_dir)
         run.add_output("checkpoints", out / "checkpoints")
+        run.add_output("tensorboard", out / "tensorboard")
         run.metrics.update({
             "eval_accuracy_before": initial.get("eval_accuracy"), "eval_accuracy_after": final.get("eval_accuracy"),
             "eval_loss_before": initial.get("eval_loss"), "eval_loss_after": final.get("eval_loss"),
@@ -382,22 +368,3 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
                   f"  model:    {model_dir}\n  manifest: {out / 'manifest.json'}\n"
                   f"  next:     alignkit reward eval --config configs/reward_eval.yaml")
     return run.manifest("completed")
-
-
-def _save_model(trainer, tokenizer, model_dir: Path, merge: bool) -> None:
-    """Save through a temp dir + rename so a crash never leaves half a model under ``model/``."""
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if merge:  # into a copy: the trainer's model keeps its adapters
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp)
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)

@@ -31,7 +31,9 @@ from pathlib import Path
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
-from alignkit.runstore import atomic_write_json, is_main_process, stage_run
+from alignkit.runstore import is_main_process, stage_run
+from alignkit.training import (evaluate_once, latest_checkpoint, lora_config, qlora_config, qlora_problem,
+                               save_trained_model, tensorboard_callback)
 from sft.train import LoraOptions
 
 log = logging.getLogger("alignkit.dpo")
@@ -87,10 +89,9 @@ class DPOStageConfig:
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError("dpo: eval_fraction must be in [0, 1)")
         if self.qlora:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError("dpo: qlora (4-bit) needs a CUDA GPU; on CPU use lora.enabled=true instead")
+            problem = qlora_problem("dpo")  # no GPU or no bitsandbytes: say so before anything is written
+            if problem:
+                raise ConfigError(problem)
 
 
 def _as_trl_pair(p: dict) -> dict:
@@ -118,11 +119,6 @@ def prepare_data(cfg: DPOStageConfig) -> dict:
     leakage = check_leakage([p["prompt"] for p in eval_pairs], [p["prompt"] for p in train_pairs])
     return {"train": [_as_trl_pair(p) for p in train_pairs], "eval": [_as_trl_pair(p) for p in eval_pairs],
             "format": prefs.format, "dropped": prefs.dropped, "leakage": leakage}
-
-
-def _latest_checkpoint(ckpt_dir: Path) -> str | None:
-    ckpts = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()] if ckpt_dir.exists() else []
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[1]))) if ckpts else None
 
 
 def _implicit_reward_metrics(metrics: dict) -> dict:
@@ -164,18 +160,13 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
         dtype = torch.bfloat16 if bf16 else torch.float32
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-        quantization_config = _qlora_config(dtype) if cfg.qlora else None
+        quantization_config = qlora_config(dtype, "dpo") if cfg.qlora else None
         load_kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization_config, **load_kw)
         match_tokenizer(model, tokenizer)
         peft_config, ref_model = None, None
         if cfg.lora.enabled or cfg.qlora:
-            from peft import LoraConfig
-
-            targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [
-                t.strip() for t in cfg.lora.target_modules.split(",")]
-            peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                     target_modules=targets, task_type="CAUSAL_LM")
+            peft_config = lora_config(cfg.lora, "CAUSAL_LM")
         elif not cfg.precompute_ref_log_probs:
             # Our own frozen copy, built like the policy (TRL would reload it from the path, without
             # the embeddings that match_tokenizer may have grown).
@@ -202,16 +193,9 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         with args.main_process_first(local=False, desc="dpo datasets"):
             train_ds = _shared_dataset(data["train"], out / "data" / "train")
             eval_ds = _shared_dataset(data["eval"], out / "data" / "eval")
-        # TensorBoard in <run>/tensorboard. transformers' own callback, left alone, writes to
-        # ./runs/<date> in the working directory when the first log (our "before" evaluation)
-        # comes before training starts.
-        from transformers.integrations import TensorBoardCallback
-
-        tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(out / "tensorboard")
         trainer = DPOTrainer(
             model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
-            train_dataset=train_ds, eval_dataset=eval_ds, callbacks=[tensorboard],
+            train_dataset=train_ds, eval_dataset=eval_ds, callbacks=[tensorboard_callback(out / "tensorboard")],
         )
 
         # TRL drops pairs whose prompt alone fills max_length, silently: count them.
@@ -221,15 +205,8 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
             log.warning("dpo: pairs dropped because the prompt fills max_length=%d: %s", cfg.max_length,
                         run.notes["dropped_too_long"])
 
-        # Measured once before training and kept, so a resumed run reports the same "before".
-        initial_path = out / "initial_eval.json"
-        if initial_path.exists():
-            initial = json.loads(initial_path.read_text())
-        else:
-            initial = trainer.evaluate()
-            if is_main_process():
-                atomic_write_json(initial_path, initial)
-        resume_from = _latest_checkpoint(out / "checkpoints")
+        initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
+        resume_from = latest_checkpoint(out / "checkpoints")
         if resume_from:
             log.info("dpo: resuming from %s", resume_from)
             run.notes["resumed_from"] = resume_from
@@ -237,7 +214,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         final = trainer.evaluate()
 
         model_dir = out / "model"
-        _save_model(trainer, tokenizer, model_dir, merge=peft_config is not None and cfg.lora.merge)
+        save_trained_model(trainer, tokenizer, model_dir, merge=peft_config is not None and cfg.lora.merge)
         run.add_output("model", model_dir)
         run.add_output("checkpoints", out / "checkpoints")
         run.add_output("tensorboard", out / "tensorboard")
@@ -273,30 +250,3 @@ def _shared_dataset(rows: list[dict], path: Path):
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     return load_from_disk(str(path))
-
-
-def _qlora_config(dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError("dpo: qlora needs bitsandbytes (pip install 'alignkit[qlora]')") from None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
-
-
-def _save_model(trainer, tokenizer, model_dir: Path, merge: bool) -> None:
-    """Save through a temp dir + rename so a crash never leaves half a model under ``model/``."""
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if merge:
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)

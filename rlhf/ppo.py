@@ -37,26 +37,25 @@ prompts; metrics are averaged across ranks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from alignkit.config import doc, to_dict
 from alignkit.data import load_prompts, prompt_text
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
+from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_text, stage_run
+from alignkit.training import lora_config, save_model_atomically
 from rlhf import ppo_core as core
 from sft.train import LoraOptions
 
@@ -157,33 +156,6 @@ class PPOConfig:
 # Inputs: prompts and the reward
 
 
-def load_reward_function(spec: str) -> Callable[[list[str], list[str]], list[float]]:
-    """``"package.module:function"`` or ``"path/to/file.py:function"`` -> the function."""
-    from alignkit.config import ConfigError
-
-    module_name, _, name = spec.rpartition(":")
-    if not module_name or not name:
-        raise ConfigError(f"reward_function {spec!r}: expected 'module:function' or 'file.py:function'")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.exists():
-            raise ConfigError(f"reward_function {spec!r}: file {path} not found")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ConfigError(f"reward_function {spec!r}: cannot import {module_name}: {e}") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"reward_function {spec!r}: {module_name} has no function {name!r}")
-    return fn
-
-
 class Reward:
     """Scores (prompt, reply) pairs with a reward model or a rule; returns a float tensor ``[B]``."""
 
@@ -280,14 +252,11 @@ def build_models(cfg: PPOConfig, policy_path: str, value_path: str, tokenizer, d
     match_tokenizer(policy, tokenizer)
     ref = None
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [
-            t.strip() for t in cfg.lora.target_modules.split(",")]
         if cfg.lora.dropout:
             log.info("ppo: lora.dropout=%s is not used: dropout stays off in PPO (see the module docstring)", cfg.lora.dropout)
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                                                   target_modules=targets, task_type="CAUSAL_LM"))
+        policy = get_peft_model(policy, lora_config(dataclasses.replace(cfg.lora, dropout=0.0), "CAUSAL_LM"))
     else:
         ref = AutoModelForCausalLM.from_pretrained(policy_path, **kw)
         match_tokenizer(ref, tokenizer)
@@ -744,15 +713,11 @@ def save_checkpoint(root: Path, step: int, accelerator, policy, value, opt_p, op
 
 
 def save_policy(policy, tokenizer, model_dir: Path, merge: bool) -> None:
-    """Save through a temp dir + rename, so a crash never leaves half a model under ``model/``."""
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Save the final policy (main process only). The merge is in place, not into a copy as
+    ``alignkit.training.save_trained_model`` does: training is over and nothing uses the adapters
+    again, so the copy would only double the memory."""
     model = policy.merge_and_unload() if merge else policy
-    model.save_pretrained(tmp)
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
+    save_model_atomically(model, tokenizer, model_dir, padding_side="right")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -23,6 +23,8 @@ from alignkit.config import describe, doc, load_config, to_dict
 from alignkit.data import DEMO_DATA, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
+from alignkit.training import (evaluate_once, latest_checkpoint, lora_config, qlora_config, save_trained_model,
+                               tensorboard_callback)
 
 log = logging.getLogger("alignkit.sft")
 
@@ -93,13 +95,6 @@ def prepare_data(cfg: SFTStageConfig) -> dict:
     return {"splits": splits, "leakage": leakage, "n_examples": len(examples), "dropped": dropped}
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> str | None:
-    if not ckpt_dir.exists():
-        return None
-    ckpts = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[1]))) if ckpts else None
-
-
 class _RecordingCollator:
     """Wraps the collator to remember which examples this rank trained on (not evaluated on)."""
 
@@ -149,7 +144,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
         quantization_config = None
         if cfg.qlora:
-            quantization_config = _qlora_config(dtype)
+            quantization_config = qlora_config(dtype, "sft")
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
@@ -157,12 +152,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         match_tokenizer(model, tokenizer)
         peft_config = None
         if cfg.lora.enabled or cfg.qlora:
-            from peft import LoraConfig
-
-            targets = cfg.lora.target_modules if cfg.lora.target_modules == "all-linear" else [
-                t.strip() for t in cfg.lora.target_modules.split(",")]
-            peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                     target_modules=targets, task_type="CAUSAL_LM")
+            peft_config = lora_config(cfg.lora, "CAUSAL_LM")
 
         args = SFTConfig(
             output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
@@ -171,7 +161,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
             per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
             save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-            logging_steps=cfg.logging_steps, report_to=["tensorboard"],
+            logging_steps=cfg.logging_steps, report_to="none",  # TensorBoard: our callback below
             bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not cuda,
             max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
             dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=False,
@@ -179,20 +169,14 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         trainer = SFTTrainer(
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
             train_dataset=Dataset.from_list(splits["train"]), eval_dataset=Dataset.from_list(splits["validation"]),
+            callbacks=[tensorboard_callback(out / "tensorboard")],
         )
         seen: list[str] = []
         if cfg.record_seen_examples:
             trainer.data_collator = _RecordingCollator(trainer.data_collator, trainer.model, seen)
 
-        # The loss before training is measured once and kept, so a resumed run reports the same one.
-        initial_path = out / "initial_eval.json"
-        if initial_path.exists():
-            initial = json.loads(initial_path.read_text())
-        else:
-            initial = trainer.evaluate()
-            if is_main_process():
-                atomic_write_json(initial_path, initial)
-        resume_from = _latest_checkpoint(out / "checkpoints")
+        initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
+        resume_from = latest_checkpoint(out / "checkpoints")
         if resume_from:
             log.info("sft: resuming from %s", resume_from)
             run.notes["resumed_from"] = resume_from
@@ -202,9 +186,10 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         final = trainer.evaluate()
 
         model_dir = out / "model"
-        _save_model(trainer, tokenizer, model_dir, merge=cfg.lora.merge and peft_config is not None)
+        save_trained_model(trainer, tokenizer, model_dir, merge=cfg.lora.merge and peft_config is not None)
         run.add_output("model", model_dir)
         run.add_output("checkpoints", out / "checkpoints")
+        run.add_output("tensorboard", out / "tensorboard")
         logged_tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
         run.metrics.update({
             "train_tokens": logged_tokens[-1] if logged_tokens else None,
@@ -219,37 +204,6 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
             print(f"sft: done. eval loss {initial.get('eval_loss'):.4f} -> {final.get('eval_loss'):.4f}\n"
                   f"  model:    {model_dir}\n  manifest: {out / 'manifest.json'}")
     return run.manifest("completed")
-
-
-def _qlora_config(dtype):
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("qlora: 4-bit training needs a CUDA GPU; on CPU use lora.enabled=true instead")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise RuntimeError("qlora: bitsandbytes is not installed (pip install 'alignkit[qlora]')") from None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
-
-
-def _save_model(trainer, tokenizer, model_dir: Path, merge: bool) -> None:
-    """Save through a temp dir + rename so a crash never leaves half a model under ``model/``."""
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return
-    tmp = model_dir.with_name(model_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    if merge:
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    os.replace(tmp, model_dir)
 
 
 def _handler(args) -> int:
