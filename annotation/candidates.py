@@ -61,7 +61,7 @@ def _constraint_of(rec) -> dict | None:
     return None
 
 
-def load_candidate_prompts(source: str, split: str = "both", max_prompts: int | None = None) -> list[dict]:
+def load_candidate_prompts(source: str, split: str = "train", max_prompts: int | None = None) -> list[dict]:
     """Prompts as ``{"item_id", "prompt": messages, "constraint"?}`` from a file or an SFT run dir."""
     from alignkit.oracle import find_constraint
 

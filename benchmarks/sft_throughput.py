@@ -111,7 +111,7 @@ def main() -> None:
     for name, r in runs.items():
         r["tps"] = r["tokens"] / r["train_s"]
         mfu = f"  {6 * params * r['tps'] / peak:5.1%}" if peak else ""
-        print(f"{name:24} {r['tokens']:8d} {r['train_s']:8.2f} {r['tps']:9.0f} {r['wall_s']:7.1f}{mfu}")
+        print(f"{name:24} {int(r['tokens']):8d} {r['train_s']:8.2f} {r['tps']:9.0f} {r['wall_s']:7.1f}{mfu}")
     base = runs["plain TRL, padded"]
     print(f"\npacked / padded tokens/s:               {runs['plain TRL, packed']['tps'] / base['tps']:.2f}x")
     print(f"alignkit / plain TRL tokens/s (training): {runs['alignkit sft, padded']['tps'] / base['tps']:.2f}x")

@@ -278,8 +278,10 @@ def test_generate_with_tiny_model(tiny_model, tmp_path):
                                                       for w in ("yes", "no", "hi")))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "p1", "prompt": "Tell me a joke.", "constraint": {"type": "lowercase"}}) + "\n")
-    items = load_candidate_prompts(str(sft))
+    items = load_candidate_prompts(str(sft), "both")
     assert [i["item_id"] for i in items] == ["heldout-0", "train-0", "train-1", "train-2"]
+    # By default only training prompts: held-out ones stay unseen until evaluation.
+    assert [i["item_id"] for i in load_candidate_prompts(str(sft))] == ["train-0", "train-1", "train-2"]
     assert items[0]["constraint"] == {"type": "max_words", "n": 5}  # recovered from the words
     assert load_candidate_prompts(str(prompts))[0]["constraint"] == {"type": "lowercase"}  # kept from the record
 
@@ -287,8 +289,8 @@ def test_generate_with_tiny_model(tiny_model, tmp_path):
                          max_new_tokens=8, batch_size=3, seed=1)
     m = generate(cfg)
     rows = [json.loads(x) for x in (tmp_path / "ann" / "candidates" / "candidates.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(len(r["responses"]) == 3 for r in rows)
-    assert rows[0]["constraint"] == {"type": "max_words", "n": 5} and rows[0]["prompt"] == PROMPT
+    assert len(rows) == 3 and all(len(r["responses"]) == 3 for r in rows)
+    assert rows[0]["item_id"] == "train-0" and rows[0]["constraint"] == {"type": "lowercase"}
     gen = m["notes"]["generation"]
     assert gen["num_return_sequences"] == 3 and gen["padding_side"] == "left" and gen["do_sample"] is True
     assert gen["temperature"] == 1.0 and gen["max_new_tokens"] == 8
