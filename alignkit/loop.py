@@ -193,6 +193,9 @@ class Loop:
             if code:
                 break
         index = write_index(self.run, self.timings)
+        evaluation = self.run / "eval" / "eval.json"
+        if evaluation.exists():
+            print("\nrun: held-out evaluation (95% confidence intervals)\n" + _eval_summary(json.loads(evaluation.read_text())))
         print(f"\nrun: index of every report: {index}")
         return code
 
@@ -211,19 +214,23 @@ REPORTS = [  # (stage dir, file, what it is)
 ]
 
 
+HEADLINES = {
+    "sft": ["eval_loss_before", "eval_loss_after"],
+    "annotate/export": ["n_pairs", "fleiss_kappa"],
+    "reward_eval": ["accuracy", "ece", "length_spearman"],
+    "dpo": ["eval_reward_accuracy_before", "eval_reward_accuracy_after"],
+    "ppo": ["score_first", "score_last", "kl_last"],
+}
+
+
 def _headline(stage: str, m: dict) -> str:
-    metrics = m.get("metrics") or {}
-    keys = {
-        "sft": ["eval_loss_before", "eval_loss_after"],
-        "annotate/export": ["n_pairs", "fleiss_kappa"],
-        "reward_eval": ["accuracy"],
-        "dpo": ["eval_rewards_accuracy_before", "eval_rewards_accuracy_after"],
-        "ppo": ["score_first", "score_last", "kl_last"],
-    }.get(stage, [])
-    parts = []
-    for k in keys:
-        if isinstance(metrics.get(k), (int, float)):
-            parts.append(f"{k} = {metrics[k]:.3g}")
+    metrics, parts = m.get("metrics") or {}, []
+    for key in HEADLINES.get(stage, []):
+        value = metrics.get(key)
+        if isinstance(value, dict):  # per question, e.g. fleiss_kappa
+            value = next((v for v in value.values() if isinstance(v, (int, float))), None)
+        if isinstance(value, (int, float)):
+            parts.append(f"{key} = {value:.3g}")
     return ", ".join(parts)
 
 
@@ -257,16 +264,23 @@ run the same command again to resume an interrupted run.</p>
 
 
 def _eval_summary(result: dict) -> str:
-    lines = []
+    """One line per model: reward, win rates against the baseline, oracle pass rate (95% CIs)."""
+    def interval(d: dict | None, key: str) -> str:
+        if not d or d.get(key) is None:
+            return "-"
+        lo, hi = d.get("ci") or (None, None)
+        return f"{d[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{d[key]:.3f}"
+
+    source = result.get("primary_reward")
+    lines = [f"{'model':8} {'reward':24} {'win rate vs ' + str(result.get('baseline')):24} "
+             f"{'length-controlled':24} {'oracle pass rate':24}"]
     for name, m in (result.get("models") or {}).items():
-        bits = [name]
-        for key in ("mean_reward", "win_rate", "lc_win_rate", "oracle_score", "oracle_pass_rate"):
-            v = m.get(key)
-            if isinstance(v, dict):
-                v = v.get("value", v.get("mean"))
-            if isinstance(v, (int, float)):
-                bits.append(f"{key}={v:.3f}")
-        lines.append("  ".join(bits))
+        reward = (m.get("reward") or {}).get(source)
+        win = (m.get("win_rate") or {}).get(source)
+        lc = (m.get("lc_win_rate") or {}).get(source)
+        oracle = (m.get("oracle") or {}).get("pass")
+        lines.append(f"{name:8} {interval(reward, 'mean'):24} {interval(win, 'win_rate'):24} "
+                     f"{interval(lc, 'win_rate'):24} {interval(oracle, 'rate'):24}")
     return "\n".join(lines)
 
 
