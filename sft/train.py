@@ -121,8 +121,10 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("sft: already completed in %s (use --force to run again)", out)
             return run.previous
-        if force and run.previous:
+        if not run.resuming and is_main_process():
+            # A fresh start (forced, or a changed config or input) must not pick up old checkpoints.
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "initial_eval.json").unlink(missing_ok=True)
         splits = data["splits"]
         if is_main_process():
             write_jsonl(out / "heldout_prompts.jsonl",

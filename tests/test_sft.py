@@ -127,24 +127,33 @@ def _cli(*args: str) -> list[str]:
 def test_killed_sft_resumes_from_its_checkpoint(tmp_path, tiny_model, shared_data):
     data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
     args = ["sft", f"model={tiny_model}", f"data={data}", f"output_dir={tmp_path / 'sft'}", *FAST,
-            "on_bad_record=drop", "max_examples=200", "max_steps=40", "save_steps=4", "batch_size=2"]
+            "on_bad_record=drop", "max_examples=200", "max_steps=120", "save_steps=4", "batch_size=2",
+            "save_total_limit=3"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(_cli(*args), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = tmp_path / "sft" / "checkpoints" / "checkpoint-8" / "trainer_state.json"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert ckpt.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+    checkpoints = tmp_path / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    # Kill at the first complete checkpoint: the tiny model trains fast, so poll often.
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert read_manifest(tmp_path / "sft")["status"] == "running"  # what a crash leaves: never "completed"
 
-    done = subprocess.run(_cli(*args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(_cli(*args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     m = read_manifest(tmp_path / "sft")
-    assert m["status"] == "completed" and m["metrics"]["global_step"] == 40
+    assert m["status"] == "completed" and m["metrics"]["global_step"] == 120
     resumed = int(m["notes"]["resumed_from"].rsplit("-", 1)[1])
-    assert resumed >= 8, m["notes"]
+    assert 4 <= resumed < 120, m["notes"]
+
+    # A changed config starts afresh instead of resuming another run's checkpoints.
+    again = subprocess.run(_cli(*args[:-3], "max_steps=8", "save_steps=4", "batch_size=2"), cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    m = read_manifest(tmp_path / "sft")
+    assert m["metrics"]["global_step"] == 8 and "resumed_from" not in m["notes"]
 
 
 def test_two_cpu_processes_train_on_different_data(tmp_path, tiny_model, shared_data):
