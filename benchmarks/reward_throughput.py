@@ -23,18 +23,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import peak_flops  # noqa: E402  (benchmarks/common.py)
 
 import torch  # noqa: E402
 
 # Dense bf16 peak FLOP/s by device name fragment (vendor datasheets).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "4090": 165e12}
 
 
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -143,7 +138,7 @@ def main() -> int:
         figures["train_mfu"] = round(6 * n_params * tokens_per_pair * train_pairs_s / peak, 4)
         figures["score_mfu"] = round(2 * n_params * tokens_per_pair * batched_pairs_s / peak, 4)
     elif cuda:
-        figures["mfu"] = "unknown GPU peak: add it to PEAK_BF16"
+        figures["mfu"] = "unknown GPU peak: add it to benchmarks/common.py"
     for k, v in figures.items():
         print(f"{k:28s} {v}")
     print(json.dumps(figures))

@@ -24,18 +24,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import peak_flops  # noqa: E402  (benchmarks/common.py)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def peak_flops() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def plain_trl(model_path: str, examples: list[dict], args, packing: bool, out: Path) -> dict:
