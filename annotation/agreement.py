@@ -52,7 +52,6 @@ import html
 import io
 import json
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
