@@ -264,24 +264,42 @@ run the same command again to resume an interrupted run.</p>
 
 
 def _eval_summary(result: dict) -> str:
-    """One line per model: reward, win rates against the baseline, oracle pass rate (95% CIs)."""
+    """One line per model: reward, win rates against the baseline, the oracle's pass rate and
+    paired win rate (95% CIs), then whether each model beats the baseline: its win rate's whole
+    confidence interval above 0.5."""
     def interval(d: dict | None, key: str) -> str:
         if not d or d.get(key) is None:
             return "-"
         lo, hi = d.get("ci") or (None, None)
         return f"{d[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{d[key]:.3f}"
 
-    source = result.get("primary_reward")
-    lines = [f"{'model':8} {'reward':24} {'win rate vs ' + str(result.get('baseline')):24} "
-             f"{'length-controlled':24} {'oracle pass rate':24}"]
+    source, base = result.get("primary_reward"), result.get("baseline")
+    lines = [f"{'model':8} {'reward':24} {'win rate vs ' + str(base):24} {'length-controlled':24} "
+             f"{'oracle pass rate':24} {'oracle win rate vs ' + str(base):24}"]
+    verdicts = []
     for name, m in (result.get("models") or {}).items():
         reward = (m.get("reward") or {}).get(source)
         win = (m.get("win_rate") or {}).get(source)
         lc = (m.get("lc_win_rate") or {}).get(source)
-        oracle = (m.get("oracle") or {}).get("pass")
+        oracle = m.get("oracle") or {}
         lines.append(f"{name:8} {interval(reward, 'mean'):24} {interval(win, 'win_rate'):24} "
-                     f"{interval(lc, 'win_rate'):24} {interval(oracle, 'rate'):24}")
-    return "\n".join(lines)
+                     f"{interval(lc, 'win_rate'):24} {interval(oracle.get('pass'), 'rate'):24} "
+                     f"{interval(oracle.get('win_rate'), 'win_rate'):24}")
+        if name in ("base", base):
+            continue
+        judged = [(what, beats(d)) for what, d in (("the reward model", win), ("the oracle", oracle.get("win_rate"))) if d]
+        if judged:
+            verdicts.append(f"{name} vs {base}: " + "; ".join(f"by {what}: {v}" for what, v in judged))
+    return "\n".join(lines + ([""] + verdicts if verdicts else []))
+
+
+def beats(win: dict) -> str:
+    """'beats' when the win rate's confidence interval lies above 0.5, 'loses' when below, else 'no
+    clear difference'."""
+    lo, hi = win.get("ci") or (None, None)
+    if lo is None:
+        return "no data"
+    return "beats (CI above 0.5)" if lo > 0.5 else "loses (CI below 0.5)" if hi < 0.5 else "no clear difference (CI spans 0.5)"
 
 
 # ------------------------------------------------------------------------------------------

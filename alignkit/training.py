@@ -133,3 +133,37 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, merge: bool, padding
     if merge:
         model = copy.deepcopy(model).merge_and_unload()
     save_model_atomically(model, tokenizer, model_dir, padding_side)
+
+
+def transformer_blocks(model):
+    """The model's list of transformer blocks (the ``nn.ModuleList`` as long as ``num_hidden_layers``)."""
+    import torch
+
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of {n} transformer blocks found; set trainable_layers: null")
+
+
+def freeze_lower_layers(model, trainable_layers: int | None) -> dict:
+    """Train only the top ``trainable_layers`` transformer blocks (plus the final norm and any new
+    head); the embeddings and the blocks below stay frozen. Backpropagation then stops at the
+    lowest trainable block, which roughly halves the cost of a step on a small model, and a small
+    preference set has fewer parameters to overfit. ``None`` trains everything.
+
+    Returns ``{"trainable_layers", "total_layers", "trainable_parameters", "total_parameters"}``."""
+    blocks = transformer_blocks(model) if trainable_layers is not None else None
+    if blocks is not None:
+        if not 1 <= trainable_layers <= len(blocks):
+            raise ValueError(f"trainable_layers: expected 1..{len(blocks)} (the model's blocks), got {trainable_layers}")
+        keep = {id(p) for block in list(blocks)[len(blocks) - trainable_layers:] for p in block.parameters()}
+        below = {id(p) for block in list(blocks)[:len(blocks) - trainable_layers] for p in block.parameters()}
+        embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
+        for p in model.parameters():
+            if id(p) in below or (id(p) in embeddings and id(p) not in keep):
+                p.requires_grad_(False)
+    params = list(model.parameters())
+    return {"trainable_layers": trainable_layers, "total_layers": model.config.num_hidden_layers,
+            "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+            "total_parameters": sum(p.numel() for p in params)}

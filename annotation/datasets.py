@@ -3,9 +3,9 @@
 Modes (``mode:`` in configs/annotate.yaml):
 
 ``binary``        two responses; "which is better?" as a LabelQuestion ``preference`` (labels
-                  ``response_1``/``response_2``) or, with ``binary_question: ranking``, a
-                  RankingQuestion ``preference``; optionally "how much better?" as a RatingQuestion
-                  ``strength`` (1-4).
+                  ``response_1``/``response_2``, plus ``tie`` with ``binary_tie: true``) or, with
+                  ``binary_question: ranking``, a RankingQuestion ``preference``; optionally "how much
+                  better?" as a RatingQuestion ``strength`` (1-4).
 ``multivariate``  a 1-5 RatingQuestion per response and aspect, named ``<aspect>_<slot>``
                   (``quality_1``, ``harmfulness_2``...). 5 is always the best end of the scale
                   (for harmfulness: 5 = harmless).
@@ -219,6 +219,9 @@ class DatasetConfig:
     aspects: list[str] = doc("multivariate: aspects rated 1-5 for every response", default_factory=lambda: list(DEFAULT_ASPECTS))
     binary_question: str = doc("binary: 'label' (pick one) or 'ranking' (rank the two)", "label")
     binary_strength: bool = doc("binary: also ask 'how much better?' (RatingQuestion strength, 1-4)", False)
+    binary_tie: bool = doc("binary (label question): offer a third answer, 'tie' (neither is better); pairs most "
+                           "annotators call a tie are not exported, so coin-flip choices do not become training labels",
+                           False)
     max_responses: int | None = doc("ranking/multivariate: show at most this many responses per prompt", None)
     guidelines: str | None = doc("annotation guidelines: a markdown file; default: built-in text for the mode", None)
     shuffle: bool = doc("shuffle the order responses are shown in, per record (the permutation is kept)", True)
@@ -234,10 +237,15 @@ class DatasetConfig:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         if self.binary_question not in ("label", "ranking"):
             raise ValueError(f"binary_question: expected label or ranking, got {self.binary_question!r}")
+        if self.binary_tie and (self.mode != "binary" or self.binary_question != "label"):
+            raise ValueError("binary_tie: only for mode binary with binary_question label (a ranking has no ties)")
         if self.annotators_per_record < 1:
             raise ValueError("annotators_per_record must be at least 1")
         if self.mode == "multivariate" and not self.aspects:
             raise ValueError("aspects: multivariate mode needs at least one aspect")
+
+
+TIE = "tie"  # the binary label question's third answer (binary_tie)
 
 
 def slot(j: int) -> str:
@@ -273,6 +281,10 @@ def default_guidelines(cfg: DatasetConfig, k: int) -> str:
     if cfg.mode == "binary":
         q = ("**preference**: which response is better? Pick Response 1 or Response 2. If they seem equally good, "
              "pick the one that follows the prompt's instructions more exactly.\n")
+        if cfg.binary_tie:
+            q = ("**preference**: which response is better? Pick Response 1 or Response 2, or **Tie** when neither "
+                 "is better: both follow the prompt's instructions equally well (or equally badly). Do not guess: "
+                 "a tie is a useful answer.\n")
         if cfg.binary_strength:
             q += "\n**strength**: how much better is it? 1 = barely, 2 = somewhat, 3 = clearly, 4 = much better.\n"
     elif cfg.mode == "ranking":
@@ -298,7 +310,8 @@ def build_settings(cfg: DatasetConfig, k: int):
         questions = [
             rg.RankingQuestion(name="preference", values=labels, title="Rank the two responses (1 = better)")
             if cfg.binary_question == "ranking" else
-            rg.LabelQuestion(name="preference", labels=labels, title="Which response is better?")]
+            rg.LabelQuestion(name="preference", labels={**labels, TIE: "Tie"} if cfg.binary_tie else labels,
+                             title="Which response is better?")]
         if cfg.binary_strength:
             questions.append(rg.RatingQuestion(name="strength", values=[1, 2, 3, 4], title="How much better is it?",
                                                description="1 = barely, 2 = somewhat, 3 = clearly, 4 = much better"))

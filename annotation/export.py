@@ -15,14 +15,16 @@ How consensus is reached (answers are mapped back to candidate indices through e
 stored permutation first; only the latest submitted answer per annotator counts):
 
 * every annotator gives each candidate a score: binary - 1 for the chosen response, 0 for the
-  other; ranking - minus its rank; multivariate - the weighted mean of its aspect ratings
+  other (0.5 for both on a ``tie`` answer); ranking - minus its rank; multivariate - the weighted mean of its aspect ratings
   (``aspect_weights``, default 1 each);
 * the consensus score of a candidate is the mean over annotators; for every pair of candidates
   the one with the higher consensus is ``chosen`` (binary: the majority vote);
 * ``margin`` = consensus gap, normalised to [0, 1] and times ``margin_scale``: binary - (votes for
   - votes against) / annotators (or the mean signed ``strength`` / 4 when asked); ranking - mean
   rank gap / (k - 1); multivariate - score gap / 4;
-* per-pair agreement = the share of annotators whose own scores order the pair the same way.
+* per-pair agreement = the share of annotators whose own scores order the pair the same way (a
+  ``tie`` answer agrees with no direction: a pair two of three annotators call a tie has agreement
+  1/3 and is dropped as ``low_item_agreement``; one all call a tie is dropped as ``tie``).
 
 Drops, counted per reason in the manifest: ``too_few_annotations`` (fewer than
 ``min_annotations`` annotators answered the record), ``low_item_agreement`` (agreement below
@@ -51,7 +53,7 @@ from pathlib import Path
 from alignkit.config import doc, to_dict
 from alignkit.data import read_records
 from alignkit.runstore import stage_run, write_jsonl
-from annotation.datasets import DatasetConfig, content_hash, load_candidates, n_slots
+from annotation.datasets import TIE, DatasetConfig, content_hash, load_candidates, n_slots
 from annotation.pull import latest, read_table
 
 log = logging.getLogger("alignkit.annotate.export")
@@ -118,6 +120,8 @@ def annotator_scores(cfg: ExportConfig, answers: dict[str, object], perm: list[i
         scores = {idx[s]: -float(r) for r, s in enumerate(value)}
     elif isinstance(value, str) and value in idx:
         scores = {c: (1.0 if s == value else 0.0) for s, c in idx.items()}
+    elif value == TIE and cfg.binary_tie:  # neither is better: an equal score, a vote for no direction
+        scores = {c: 0.5 for c in idx.values()}
     else:
         return None
     if cfg.mode == "binary" and isinstance(answers.get("strength"), (int, float)):

@@ -17,6 +17,9 @@ As in AlpacaFarm, each simulated annotator is a judge plus its own imperfections
   linearly to 0 for the last one): annotators who favour what they read first.
 * **length_bias**: added in proportion to length (``length_bias * min(words / 100, 1)``):
   annotators who favour long answers.
+* **tie_threshold** (binary with ``binary_tie``): when the two perceived scores differ by less than
+  this, the annotator answers ``tie`` instead of picking one (flip noise then picks a response
+  at random with probability ``flip_prob``).
 
 Each annotator is a real Argilla user (``<user_prefix>1``, ``<user_prefix>2``, ...) created by the
 owner and added to the workspace; it reads its API key the way an owner can
@@ -41,12 +44,12 @@ from typing import Callable
 
 from alignkit.config import doc, to_dict
 from alignkit.runstore import stage_run, write_jsonl
-from annotation.datasets import (ArgillaError, Connection, DatasetConfig, Http, connect, ensure_user, get_dataset,
-                                 sdk_client, slot, user_api_key)
+from annotation.datasets import (TIE, ArgillaError, Connection, DatasetConfig, Http, connect, ensure_user,
+                                 get_dataset, sdk_client, slot, user_api_key)
 
 log = logging.getLogger("alignkit.annotate.simulate")
 
-NOISE_KEYS = ("flip_prob", "rating_noise", "position_bias", "length_bias")
+NOISE_KEYS = ("flip_prob", "rating_noise", "position_bias", "length_bias", "tie_threshold")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class SimulateConfig(DatasetConfig):
     rating_noise: float = doc("std of Gaussian noise on 1-5 ratings", 0.0)
     position_bias: float = doc("score bonus of the first response shown (linearly less for later ones)", 0.0)
     length_bias: float = doc("score bonus per 100 words of response (capped at 100 words)", 0.0)
+    tie_threshold: float = doc("binary_tie: answer 'tie' when the perceived scores differ by less than this", 0.01)
     pool: list[dict] = doc("per-annotator overrides, e.g. [{flip_prob: 0.3}, {length_bias: 0.2}] "
                            "(entry i applies to annotator i+1)", default_factory=list)
     max_records: int | None = doc("each annotator answers at most N records (None: all it is shown)", None)
@@ -72,6 +76,7 @@ class Annotator:
     rating_noise: float = 0.0
     position_bias: float = 0.0
     length_bias: float = 0.0
+    tie_threshold: float = 0.0
 
 
 def build_pool(cfg: SimulateConfig) -> list[Annotator]:
@@ -159,6 +164,9 @@ def decide(annot: Annotator, cfg: DatasetConfig, prompt: str, texts: list[str], 
     if cfg.mode == "ranking" or cfg.binary_question == "ranking":
         q = "ranking" if cfg.mode == "ranking" else "preference"
         values = {q: [{"value": slot(j), "rank": r + 1} for r, j in enumerate(order)]}
+    elif cfg.binary_tie and abs(u[0] - u[1]) < annot.tie_threshold:
+        tie = not (noisy and annot.flip_prob and rng.random() < annot.flip_prob)
+        values = {"preference": TIE if tie else slot(rng.randrange(2))}
     else:
         values = {"preference": slot(order[0])}
     if cfg.mode == "binary" and cfg.binary_strength:

@@ -32,7 +32,8 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, check_leakage, load_preferences, seeded_split
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
-from alignkit.training import evaluate_once, latest_checkpoint, lora_config, save_trained_model, tensorboard_callback
+from alignkit.training import (evaluate_once, freeze_lower_layers, latest_checkpoint, lora_config, save_trained_model,
+                               tensorboard_callback)
 from reward.scoring import conversation_ids, truncate_left
 from sft.train import LoraOptions
 
@@ -65,6 +66,9 @@ class RewardTrainConfig:
     lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options (the score head is fully "
         "trained). <output_dir>/model is always a plain merged model (what RewardScorer loads); lora.merge=false "
         "also saves the adapters alone to <output_dir>/adapter"})
+    trainable_layers: int | None = doc("train only the top N transformer blocks and the score head (embeddings and "
+                                       "lower blocks frozen): about half the compute per step, and fewer parameters "
+                                       "to overfit a small preference set; null = all (not with lora)", None)
     epochs: float = doc("passes over the training pairs (one is usual for reward models: they overfit fast)", 1.0)
     max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
     learning_rate: float = doc("peak learning rate", 1e-5)
@@ -88,6 +92,8 @@ class RewardTrainConfig:
             raise ConfigError(f"on_bad_pair: expected 'drop' or 'error', got {self.on_bad_pair!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction}")
+        if self.trainable_layers is not None and self.lora.enabled:
+            raise ConfigError("trainable_layers and lora are alternatives (both limit what trains): set one of them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +309,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
         model.config.pad_token_id = tokenizer.pad_token_id
         if aspects:  # TRL refuses num_labels != 1; our compute_loss reads column 0 as the reward
             model.config.num_labels = 1
+        run.notes["parameters"] = freeze_lower_layers(model, cfg.trainable_layers)
         peft_config = None
         if cfg.lora.enabled:
             # SEQ_CLS makes PEFT train the (new) score head fully, beside the adapters.

@@ -55,7 +55,7 @@ from alignkit.data import load_prompts, prompt_text
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_text, stage_run
-from alignkit.training import lora_config, save_model_atomically
+from alignkit.training import freeze_lower_layers, lora_config, save_model_atomically
 from rlhf import ppo_core as core
 from sft.train import LoraOptions
 
@@ -126,6 +126,9 @@ class PPOConfig:
     # models and infrastructure
     lora: LoraOptions = field(default_factory=LoraOptions,
                               metadata={"help": "LoRA on the policy (the reference is then the policy with its adapter disabled)"})
+    trainable_layers: int | None = doc("train only the top N transformer blocks of the policy and of the value model "
+                                       "(embeddings and lower blocks frozen): less compute per update; null = all "
+                                       "(not with lora)", None)
     gradient_checkpointing: bool = doc("trade compute for memory in the training forward passes", False)
     bf16: bool | None = doc("bf16 autocast; default: on for CUDA GPUs that support it, off on CPU", None)
     save_steps: int = doc("checkpoint every N steps (a rerun resumes from the last one)", 20)
@@ -150,6 +153,8 @@ class PPOConfig:
             raise ConfigError("ppo: lr_schedule must be 'constant' or 'linear'")
         if self.total_steps < 1 or self.save_steps < 1 or self.ppo_epochs < 1:
             raise ConfigError("ppo: total_steps, save_steps and ppo_epochs must be >= 1")
+        if self.trainable_layers is not None and self.lora.enabled:
+            raise ConfigError("ppo: trainable_layers and lora are alternatives (both limit what trains): set one")
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,6 +272,8 @@ def build_models(cfg: PPOConfig, policy_path: str, value_path: str, tokenizer, d
         value.resize_token_embeddings(len(tokenizer))
     value.config.pad_token_id = tokenizer.pad_token_id
     _check_same_vocab(value_path, tokenizer)
+    freeze_lower_layers(policy, cfg.trainable_layers)
+    freeze_lower_layers(value, cfg.trainable_layers)
     for m in (policy, value, ref):
         if m is not None:
             disable_dropout(m)

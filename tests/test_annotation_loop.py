@@ -189,6 +189,26 @@ def test_modes_zero_noise_match_and_high_noise_gate(tmp_path, conn, mode):
     assert noisy_kappa is None or noisy_kappa < 0.6 < clean_kappa
 
 
+def test_binary_tie_in_argilla_keeps_only_pairs_the_annotators_could_tell_apart(tmp_path, conn):
+    """Pairs of equally good replies: with a Tie answer the annotators say so and the export drops
+    them; without it, the same annotators' coin-flip picks would become training pairs."""
+    cands = make_candidates(tmp_path / "candidates" / "candidates.jsonl", 8, 2, seed=3)
+    for c in cands[:3]:  # two replies the oracle scores the same: one reply and a copy with a doubled space
+        c["responses"] = [c["responses"][0], c["responses"][0].replace(" ", "  ", 1)]
+    (tmp_path / "candidates" / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cands))
+    common = dict(run_dir=str(tmp_path), mode="binary", binary_tie=True, dataset="ties", workspace="modes")
+    push(PushConfig(**common), conn=conn)
+    labels = get_dataset(sdk_client(conn), DatasetConfig(**common)).settings.questions["preference"].labels
+    assert "tie" in labels
+    simulate(SimulateConfig(**common, user_prefix="tie-", **ZERO_NOISE, tie_threshold=0.05), conn=conn)
+    pull(PullConfig(**common), conn=conn)
+    m = export(ExportConfig(**common, min_kappa=0.6, bootstrap=100))
+    got = {p["item_id"] for p in (json.loads(x) for x in (tmp_path / "export" / "pairs.jsonl").read_text().splitlines())}
+    assert got == {c["item_id"] for c in cands[3:]}
+    assert m["metrics"]["dropped"]["tie"] == 3
+    assert m["metrics"]["fleiss_kappa"]["preference"] == pytest.approx(1.0)
+
+
 def test_export_cli_exits_nonzero_when_the_gate_fails(tmp_path, conn, argilla_env, capsys):
     run = tmp_path / "run"
     make_candidates(run / "candidates" / "candidates.jsonl", 8, 2, seed=2)

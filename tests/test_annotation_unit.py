@@ -93,6 +93,26 @@ def test_decisions_follow_judge_and_biases():
     assert all(1 <= v <= 5 for v in noisy.values())
 
 
+def test_binary_tie_answers_tie_for_close_scores_only():
+    cfg = DatasetConfig(mode="binary", binary_tie=True)
+    careful = Annotator("t", tie_threshold=0.1)
+    assert decide(careful, cfg, "", ["a", "b"], [0.50, 0.55], random.Random(0)) == {"preference": "tie"}
+    assert decide(careful, cfg, "", ["a", "b"], [0.50, 0.70], random.Random(0)) == {"preference": "response_2"}
+    # a position bias larger than the threshold turns a tie into a pick of the first response
+    biased = Annotator("p", tie_threshold=0.1, position_bias=0.2)
+    assert decide(biased, cfg, "", ["a", "b"], [0.5, 0.5], random.Random(0)) == {"preference": "response_1"}
+    # flip noise on a tie picks one of the two at random; the noise-free self still says tie
+    flipper = Annotator("f", tie_threshold=0.1, flip_prob=1.0)
+    picks = {decide(flipper, cfg, "", ["a", "b"], [0.5, 0.5], random.Random(i))["preference"] for i in range(20)}
+    assert picks == {"response_1", "response_2"}
+    assert decide(flipper, cfg, "", ["a", "b"], [0.5, 0.5], None) == {"preference": "tie"}
+    # without binary_tie the same annotator must pick
+    assert decide(careful, DatasetConfig(mode="binary"), "", ["a", "b"], [0.5, 0.5], None) == {"preference": "response_1"}
+    for bad in (dict(mode="ranking", binary_tie=True), dict(mode="binary", binary_question="ranking", binary_tie=True)):
+        with pytest.raises(ValueError, match="binary_tie"):
+            DatasetConfig(**bad).check()
+
+
 def test_oracle_judge_reads_the_constraint_from_the_prompt():
     prompt = "Explain what a rainbow is. Use only lowercase letters, with no capitals at all."
     assert oracle_judge(prompt, "a rainbow is light bent by rain drops.") > oracle_judge(prompt, "A RAINBOW IS LIGHT.")
@@ -179,6 +199,29 @@ def test_export_binary_majority_ties_and_permutation(tmp_path):
     # min_annotations 3 drops the item with two answers
     m3 = export(ExportConfig(run_dir=str(run), mode="binary", min_kappa=None, output_dir=str(run / "export3")))
     assert m3["metrics"]["dropped"]["too_few_annotations"] == 1
+
+
+def test_export_binary_tie_answers(tmp_path):
+    cands = [_cand(i) for i in range(4)]
+    perms = {"i0": [0, 1], "i1": [1, 0], "i2": [0, 1], "i3": [0, 1]}
+    A = lambda *vals: {f"u{j}": {"preference": v} for j, v in enumerate(vals)}
+    answers = {
+        "i0": A("tie", "tie", "tie"),                   # everyone: neither is better -> dropped as a tie
+        "i1": A("response_1", "tie", "tie"),            # one pick, two ties -> agreement 1/3 -> dropped
+        "i2": A("response_2", "response_2", "tie"),     # two picks, one tie -> kept
+        "i3": A("response_1", "response_1", "response_1"),
+    }
+    run = _write_pull(tmp_path, "binary", cands, answers, perms, 2)
+    m = export(ExportConfig(run_dir=str(run), mode="binary", binary_tie=True, min_kappa=None))
+    by = {json.loads(x)["item_id"]: json.loads(x) for x in (run / "export" / "pairs.jsonl").read_text().splitlines()}
+    assert set(by) == {"i2", "i3"}
+    assert m["metrics"]["dropped"]["tie"] == 1 and m["metrics"]["dropped"]["low_item_agreement"] == 1
+    assert by["i2"]["chosen"] == "reply 2.1" and by["i2"]["agreement"] == pytest.approx(2 / 3)
+    assert by["i2"]["margin"] == pytest.approx(2 / 3)  # (1 + 1 + 0.5) / 3 - (0 + 0 + 0.5) / 3
+    assert by["i3"]["margin"] == 1.0
+    # a dataset without binary_tie does not know the answer: the record counts as unanswered
+    m2 = export(ExportConfig(run_dir=str(run), mode="binary", min_kappa=None, output_dir=str(run / "export2")))
+    assert m2["metrics"]["dropped"]["too_few_annotations"] == 3
 
 
 def test_export_gate_stops_with_no_pairs(tmp_path):

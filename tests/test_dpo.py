@@ -97,6 +97,22 @@ def test_dpo_lora_ipo_with_precomputed_reference(tiny_model, pairs, tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "model")
 
 
+def test_dpo_trainable_layers_trains_only_the_top_blocks(tiny_model, pairs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "dpo_top"
+    manifest = train(dpo_config(tiny_model, pairs, out, trainable_layers=1, learning_rate=3e-3))
+    assert manifest["metrics"]["eval_reward_accuracy_after"] >= 0.7, manifest["metrics"]
+    before = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())
+    after = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
+    n = len([k for k in before if k.endswith("self_attn.q_proj.weight")])
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(f"layers.{n - 1}." in k or k == "model.norm.weight" for k in changed), changed
+    assert not any("embed" in k for k in changed)
+    with pytest.raises(ConfigError, match="trainable_layers"):
+        dpo_config(tiny_model, pairs, tmp_path / "x", trainable_layers=1, lora={"enabled": True}).check()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error message; QLoRA itself needs a GPU")
 def test_qlora_on_cpu_is_a_clear_error(tiny_model, pairs, tmp_path):
     with pytest.raises(ConfigError, match="CUDA"):

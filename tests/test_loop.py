@@ -64,3 +64,26 @@ def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, ar
     out = capsys.readouterr().out
     assert "waiting for annotators: 0 of 4 records completed" in out
     assert read_manifest(tmp_path / "loop" / "reward") is None  # nothing after annotation ran
+
+
+def test_eval_summary_says_which_models_beat_the_baseline():
+    from alignkit.loop import _eval_summary, beats
+
+    def win(rate, lo, hi):
+        return {"win_rate": rate, "ci": [lo, hi]}
+
+    result = {"baseline": "sft", "primary_reward": "reward_model", "models": {
+        "sft": {"reward": {"reward_model": {"mean": 0.1, "ci": [0.0, 0.2]}}, "oracle": {"pass": {"rate": 0.2, "ci": [0.1, 0.3]}}},
+        "dpo": {"reward": {"reward_model": {"mean": 0.5, "ci": [0.4, 0.6]}},
+                "win_rate": {"reward_model": win(0.7, 0.56, 0.81)}, "lc_win_rate": {"reward_model": win(0.6, 0.45, 0.72)},
+                "oracle": {"pass": {"rate": 0.4, "ci": [0.3, 0.5]}, "win_rate": win(0.55, 0.41, 0.68)}},
+        "ppo": {"reward": {"reward_model": {"mean": -0.5, "ci": [-0.6, -0.4]}},
+                "win_rate": {"reward_model": win(0.2, 0.1, 0.35)},
+                "oracle": {"pass": {"rate": 0.1, "ci": [0.0, 0.2]}}},
+    }}
+    text = _eval_summary(result)
+    assert "0.700 [0.560, 0.810]" in text and "0.550 [0.410, 0.680]" in text
+    assert "dpo vs sft: by the reward model: beats (CI above 0.5); by the oracle: no clear difference (CI spans 0.5)" in text
+    assert "ppo vs sft: by the reward model: loses (CI below 0.5)" in text and "ppo vs sft: by the reward model: loses (CI below 0.5);" not in text
+    assert "sft vs sft" not in text
+    assert beats({"ci": [None, None]}) == "no data"

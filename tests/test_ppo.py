@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from alignkit.config import from_dict
+from alignkit.config import ConfigError, from_dict
 from alignkit.runstore import read_manifest
 from rlhf.ppo import PPOConfig, read_metrics, train
 
@@ -133,6 +133,21 @@ def test_same_seed_reproduces_the_metrics(reference_run, tiny_model, prompt_file
     # and another seed gives another run
     train(from_dict(PPOConfig, ppo_config(tiny_model, prompt_file, tmp_path / "other", total_steps=2, seed=4)))
     assert read_metrics(tmp_path / "other")[0]["score"] != read_metrics(out)[0]["score"]
+
+
+def test_trainable_layers_freezes_policy_and_value_below_the_top(tiny_model, prompt_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "top"
+    train(from_dict(PPOConfig, ppo_config(tiny_model, prompt_file, out, total_steps=2, trainable_layers=1)))
+    before = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())
+    after = dict(AutoModelForCausalLM.from_pretrained(out / "model").named_parameters())
+    n = len([k for k in before if k.endswith("self_attn.q_proj.weight")])
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(f"layers.{n - 1}." in k or k == "model.norm.weight" for k in changed), changed
+    with pytest.raises(ConfigError, match="trainable_layers"):
+        from_dict(PPOConfig, ppo_config(tiny_model, prompt_file, out, trainable_layers=1,
+                                        lora={"enabled": True})).check()
 
 
 def test_killed_run_resumes_with_the_same_metrics(reference_run, tiny_model, prompt_file, tmp_path):

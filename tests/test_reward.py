@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from alignkit.cli import main as cli_main
+from alignkit.config import ConfigError
 from alignkit.data import DataError
 from alignkit.runstore import read_manifest
 from reward.evaluate import RewardEvalConfig, evaluate, wilson_interval
 from reward.scoring import RewardScorer
 from reward.train import RewardTrainConfig, prepare_data, train
+from sft.train import LoraOptions
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -250,6 +252,36 @@ def test_aspect_heads(tiny_model, tmp_path):
     assert ev["status"] == "completed"
     assert result["aspects"]["polite"]["n"] == 24 and result["aspects"]["polite"]["accuracy"] >= 0.9
     assert result["aspects"]["short"]["n"] == 0  # equal ratings: no order to get right
+
+
+def test_trainable_layers_freezes_the_lower_blocks_and_still_learns(tiny_model, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train_file = write_jsonl(tmp_path / "a.jsonl", synthetic_pairs(96, seed=5))
+    eval_file = write_jsonl(tmp_path / "b.jsonl", synthetic_pairs(24, seed=6))
+    run = tmp_path / "run"
+    m = train(RewardTrainConfig(model=str(tiny_model), data=str(train_file), eval_data=str(eval_file),
+                                trainable_layers=1, output_dir=str(run), max_length=128, epochs=3, learning_rate=2e-3,
+                                batch_size=16, eval_steps=1000, save_steps=1000, logging_steps=1000))
+    params = m["notes"]["parameters"]
+    assert params["trainable_layers"] == 1 and params["trainable_parameters"] < params["total_parameters"] / 2
+    assert m["metrics"]["eval_accuracy_after"] >= 0.9
+    before = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    after = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    layers = after.config.num_hidden_layers
+    old, new = dict(before.named_parameters()), dict(after.named_parameters())
+    top = f"layers.{layers - 1}."
+    for name, value in new.items():
+        if "score" in name or name not in old:
+            continue
+        if "embed" in name or any(f"layers.{i}." in name for i in range(layers - 1)):
+            assert torch.equal(old[name], value), f"{name} changed although frozen"
+    assert any(not torch.equal(old[n], v) for n, v in new.items() if top in n), "the top block did not train"
+    with pytest.raises(ConfigError, match="trainable_layers and lora"):
+        RewardTrainConfig(trainable_layers=2, lora=LoraOptions(enabled=True))
+    with pytest.raises(ValueError, match="trainable_layers: expected 1.."):
+        train(RewardTrainConfig(model=str(tiny_model), data=str(train_file), trainable_layers=99,
+                                output_dir=str(tmp_path / "bad")))
 
 
 def check_report_in_chromium(report, shot):
