@@ -198,7 +198,7 @@ def test_binary_tie_in_argilla_keeps_only_pairs_the_annotators_could_tell_apart(
     (tmp_path / "candidates" / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cands))
     common = dict(run_dir=str(tmp_path), mode="binary", binary_tie=True, dataset="ties", workspace="modes")
     push(PushConfig(**common), conn=conn)
-    labels = get_dataset(sdk_client(conn), DatasetConfig(**common)).settings.questions["preference"].labels
+    labels = get_dataset(sdk_client(conn), DatasetConfig(**{k: v for k, v in common.items() if k != "run_dir"})).settings.questions["preference"].labels
     assert "tie" in labels
     simulate(SimulateConfig(**common, user_prefix="tie-", **ZERO_NOISE, tie_threshold=0.05), conn=conn)
     pull(PullConfig(**common), conn=conn)

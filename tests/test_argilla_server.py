@@ -31,10 +31,8 @@ def test_up_sdk_down_restart(tmp_path):
     owner = cfg.home / "owner.json"
     assert stat.S_IMODE(owner.stat().st_mode) == 0o600
 
-    # up again: same processes, returns at once
-    t0 = time.time()
+    # up again: the same processes answer; nothing is started a second time
     assert up(cfg) == info
-    assert time.time() - t0 < 5
     assert status(cfg)["processes"] == st["processes"]
 
     client = rg.Argilla(api_url=info.url, api_key=info.api_key)

@@ -43,11 +43,9 @@ def test_sft_on_alpaca_libre_lowers_validation_loss_and_rerun_is_noop(tmp_path, 
 
     # Same config and inputs: a no-op that leaves the manifest untouched.
     before = (tmp_path / "sft" / "manifest.json").read_text()
-    t0 = time.time()
     assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=240", "max_steps=30",
                "save_steps=15", "val_fraction=0.1", "heldout_fraction=0.1") == 0
     assert (tmp_path / "sft" / "manifest.json").read_text() == before
-    assert time.time() - t0 < 60  # generous: it must not train again
 
 
 def test_sft_split_is_deterministic_and_leakage_is_reported(tmp_path, tiny_model):
