@@ -283,8 +283,12 @@ def compute_results(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict],
             "generation": {"seconds": g.get("seconds"), "generated_tokens": g.get("generated_tokens")},
         }
         if name != base:
-            m["win_rate"] = {src: stats.win_rate(s[name], s[base], conf) for src, s in scores.items()}
-            m["lc_win_rate"] = {src: stats.length_controlled_win_rate(s[name], s[base], word_len[name], word_len[base], conf)
+            # The same reply in another batch can score 1e-7 apart (padding): identical replies tie.
+            same = [a == b for a, b in zip(g["texts"], gens[base]["texts"])]
+            paired = {src: [sb if eq else sm for sm, sb, eq in zip(s[name], s[base], same)] for src, s in scores.items()}
+            m["identical_replies"] = sum(same)
+            m["win_rate"] = {src: stats.win_rate(paired[src], s[base], conf) for src, s in scores.items()}
+            m["lc_win_rate"] = {src: stats.length_controlled_win_rate(paired[src], s[base], word_len[name], word_len[base], conf)
                                 for src, s in scores.items()}
         if g.get("log_ratio") is not None:
             m["kl"] = {**stats.mean_ci(g["log_ratio"], conf), "reference": ref_name,

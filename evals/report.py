@@ -191,7 +191,7 @@ EXPLAIN = """
 <dt>Reward</dt><dd>Mean score of the model's replies under each reward source, with a Student-t interval over prompts.
 Reward-model scores are only comparable with each other, not across reward models.</dd>
 <dt>Win rate</dt><dd>Share of prompts where the model's reply scores higher than the baseline's reply to the same prompt;
-a tie counts half. The interval is the Wilson score interval (slightly conservative when there are ties).</dd>
+a tie counts half and identical replies always tie. The interval is the Wilson interval of the chance of winning a prompt that is not a tie, scaled by the share of such prompts.</dd>
 <dt>Length-controlled (LC) win rate</dt><dd>Reward models often prefer longer replies. Per prompt, the reward difference
 <i>d</i> is regressed on the length difference <i>l</i> (in words): <i>d ≈ a + b·l</i>. The LC win rate is the win rate of
 <i>d − b·l</i>, the difference with the length effect removed. A model whose win rate drops a lot under length control

@@ -3,7 +3,7 @@
 * :func:`mean_ci` -- mean with a Student-t 95% interval.
 * :func:`wilson_interval` -- Wilson score interval for a proportion.
 * :func:`win_rate` -- per-prompt comparison of a model with a baseline (ties count half), with a
-  Wilson interval.
+  Wilson interval on the prompts where one side won, scaled by their share.
 * :func:`length_controlled_win_rate` -- the win rate after removing the part of each per-prompt
   reward difference that a linear fit attributes to the length difference.
 * :func:`distinct_n` -- corpus-level distinct-n (Li et al., 2016).
@@ -68,14 +68,38 @@ def win_rate(model_scores: Sequence[float], baseline_scores: Sequence[float], co
              tie_tolerance: float = 0.0) -> dict:
     """How often the model's score beats the baseline's on the same prompt.
 
-    ``win_rate = (wins + ties / 2) / n``; a tie is ``|difference| <= tie_tolerance``. The
-    interval is :func:`wilson_interval` with ``wins + ties/2`` successes out of ``n`` (ties are
-    less variable than a coin flip, so this is slightly conservative when there are ties).
+    ``win_rate = (wins + ties / 2) / n``; a tie is ``|difference| <= tie_tolerance``. See
+    :func:`tie_aware_interval` for the interval.
     """
     if len(model_scores) != len(baseline_scores):
         raise ValueError(f"win_rate: {len(model_scores)} model scores but {len(baseline_scores)} baseline scores")
     diffs = [float(a) - float(b) for a, b in zip(model_scores, baseline_scores)]
     return _summarise(diffs, confidence, tie_tolerance)
+
+
+def tie_aware_interval(wins: int, ties: int, losses: int, confidence: float = 0.95) -> list[float | None]:
+    """Interval for ``(wins + ties/2) / n`` that treats a tie as the certain 0.5 it is.
+
+    With ``m = wins + losses`` decisive prompts, ``win_rate = 0.5 + (m/n)·(q - 0.5)`` where
+    ``q = wins / m`` is the chance of winning a prompt that is not a tie. Conditioning on the
+    number of ties (as the sign test does), only ``q`` is uncertain; its Wilson interval on ``m``
+    trials, mapped through that line, is the interval::
+
+        [lo, hi] = 0.5 + (m/n) · (wilson(wins, m) - 0.5)
+
+    Without ties it is the Wilson interval on ``n``. With ties it is narrower than a Wilson
+    interval on ``n`` that counts each tie as half a success, which would charge every tie the
+    variance of a coin flip: with half the prompts tied, that interval is about 1.4 times too
+    wide. When every prompt is a tie (``m = 0``) the interval is ``[0.5, 0.5]``: on these prompts
+    the two models cannot be told apart.
+    """
+    n, m = wins + ties + losses, wins + losses
+    if n == 0:
+        return [None, None]
+    if m == 0:
+        return [0.5, 0.5]
+    lo, hi = wilson_interval(wins, m, confidence)
+    return [0.5 + m / n * (lo - 0.5), 0.5 + m / n * (hi - 0.5)]
 
 
 def _summarise(diffs: list[float], confidence: float, tie_tolerance: float) -> dict:
@@ -85,7 +109,7 @@ def _summarise(diffs: list[float], confidence: float, tie_tolerance: float) -> d
     score = wins + 0.5 * ties
     return {
         "win_rate": score / n if n else None,
-        "ci": wilson_interval(score, n, confidence),
+        "ci": tie_aware_interval(wins, ties, n - wins - ties, confidence),
         "wins": wins, "ties": ties, "losses": n - wins - ties, "n": n,
         "mean_difference": sum(diffs) / n if n else None,
     }
@@ -118,7 +142,7 @@ def length_controlled_win_rate(model_scores: Sequence[float], baseline_scores: S
     ``b`` is the reward the scorer gives per extra unit of length. The length-adjusted difference
     is ``d_i - b·l_i``: what the difference would have been at equal lengths, if length acted
     linearly. The length-controlled win rate is the win rate of those adjusted differences (ties,
-    within ``tie_tolerance`` to absorb rounding, count half), with a Wilson interval.
+    within ``tie_tolerance`` to absorb rounding, count half), with :func:`tie_aware_interval`.
     ``intercept`` (``a``) is the estimated mean reward difference at zero length difference.
 
     When all length differences are equal, ``b`` cannot be estimated: ``b = 0`` and the result

@@ -11,17 +11,14 @@ from evals import stats
 Z = 1.959963984540054  # the 97.5% normal quantile
 
 
-def test_win_rate_counts_ties_half_and_wilson_interval():
-    # diffs: 7 wins, 2 ties, 1 loss -> (7 + 2/2) / 10 = 0.8
-    model = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
-    base = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
-    w = stats.win_rate(model, base)
-    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (7, 2, 1, 10)
-    assert w["win_rate"] == pytest.approx(0.8)
-    # Wilson, p = 0.8, n = 10, z² = 3.841459:
+def test_win_rate_without_ties_has_the_wilson_interval():
+    # 8 wins, 2 losses -> 0.8; Wilson, p = 0.8, n = 10, z² = 3.841459:
     #   denom  = 1 + z²/n = 1.3841459
     #   center = (0.8 + z²/20) / denom = 0.9920730 / 1.3841459 = 0.716738
     #   half   = z / denom * sqrt(0.8*0.2/10 + z²/400) = 1.416009 * sqrt(0.0256036) = 0.226577
+    w = stats.win_rate([1] * 8 + [0] * 2, [0] * 8 + [1] * 2)
+    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (8, 0, 2, 10)
+    assert w["win_rate"] == pytest.approx(0.8)
     lo, hi = w["ci"]
     assert lo == pytest.approx(0.716738 - 0.226577, abs=1e-5)
     assert hi == pytest.approx(0.716738 + 0.226577, abs=1e-5)
@@ -32,9 +29,33 @@ def test_win_rate_counts_ties_half_and_wilson_interval():
     assert (lo, hi) == pytest.approx((center - half, center + half))
 
 
+def test_win_rate_counts_ties_half_and_only_decisive_prompts_are_uncertain():
+    # diffs: 7 wins, 2 ties, 1 loss -> (7 + 2/2) / 10 = 0.8
+    model = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    base = [0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    w = stats.win_rate(model, base)
+    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (7, 2, 1, 10)
+    assert w["win_rate"] == pytest.approx(0.8)
+    # m = 8 decisive prompts, q = 7/8; Wilson(7, 8), z²/m = 0.4801824:
+    #   denom  = 1.4801824
+    #   center = (0.875 + 0.2400912) / denom = 0.753348
+    #   half   = z / denom * sqrt(0.875*0.125/8 + z²/256) = 1.324137 * sqrt(0.0286776) = 0.224234
+    #   q in [0.529114, 0.977582]  ->  0.5 + 8/10 * (q - 0.5) = [0.523291, 0.882066]
+    lo, hi = w["ci"]
+    assert lo == pytest.approx(0.523291, abs=1e-5)
+    assert hi == pytest.approx(0.882066, abs=1e-5)
+    # narrower than a Wilson interval that counts each tie as half a coin-flip success
+    plain = stats.wilson_interval(8, 10)
+    assert plain[0] < lo and hi < plain[1]
+    # the quickstart case from docs/evaluation.md: 15 wins, 28 ties, 4 losses of 47
+    assert stats.tie_aware_interval(15, 28, 4) == pytest.approx([0.52695, 0.66773], abs=1e-5)
+
+
 def test_win_rate_edges():
-    # all ties -> 0.5; identical models can never look better or worse than each other
+    # all ties -> 0.5 and nothing decisive to be unsure about
     assert stats.win_rate([3, 3, 3], [3, 3, 3])["win_rate"] == 0.5
+    assert stats.win_rate([3, 3, 3], [3, 3, 3])["ci"] == [0.5, 0.5]
+    assert stats.win_rate([], [])["ci"] == [None, None]
     # all wins -> 1.0, but the Wilson interval is not zero-width: n = 4, p = 1:
     #   center = (1 + z²/8) / (1 + z²/4) = 1.480182 / 1.960365 = 0.755055
     #   half   = z/(1+z²/4) * sqrt(z²/64) = 0.999793 * 0.244995 = 0.244945  -> [0.51011, 1]
