@@ -191,10 +191,20 @@ def annotator_records(http: Http, dataset_id, page: int = 200) -> list[dict]:
         offset += len(items)
 
 
-def submit(http: Http, record_id, values: dict) -> None:
-    """Submit one response, as the UI does."""
-    http.post(f"/api/v1/records/{record_id}/responses", retry=False,
-              json={"status": "submitted", "values": {q: {"value": v} for q, v in values.items()}})
+BULK = 100  # the server's limit on responses per bulk request
+
+
+def submit(http: Http, answers: list[tuple[str, dict]]) -> list[str | None]:
+    """Submit ``(record_id, values)`` responses as the current user, up to BULK per request (the
+    endpoint the UI's bulk view uses; one request per response is several times slower). Returns
+    the server's error for each answer, None where it was stored."""
+    errors: list[str | None] = []
+    for i in range(0, len(answers), BULK):
+        items = [{"record_id": str(rid), "status": "submitted", "values": {q: {"value": v} for q, v in values.items()}}
+                 for rid, values in answers[i:i + BULK]]
+        for item in http.post("/api/v1/me/responses/bulk", retry=False, json={"items": items})["items"]:
+            errors.append((item.get("error") or {}).get("detail") if item.get("item") is None else None)
+    return errors
 
 
 def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
@@ -207,7 +217,7 @@ def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
     ds = get_dataset(client, cfg)
     stage_dir = Path(cfg.run_dir) / "simulate"
     with stage_run("annotate-simulate", stage_dir, to_dict(cfg), {}, force=True) as run:
-        log_rows, per_user, t0 = [], {}, time.time()
+        log_rows, per_user, refused, t0 = [], {}, [], time.time()
         score_cache: dict[tuple[str, str], float | dict] = {}
         for annot in pool:
             user, _ = ensure_user(client, annot.username, role="annotator", workspace=cfg.workspace)
@@ -215,11 +225,12 @@ def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
             me = http.get("/api/v1/me")["id"]
             records = annotator_records(http, ds.id)
             done = skipped = 0
+            answers, rows = [], []
             for rec in records:
-                if cfg.max_records is not None and done >= cfg.max_records:
+                if cfg.max_records is not None and len(answers) >= cfg.max_records:
                     break
                 if any(r.get("user_id") == me for r in rec.get("responses") or []):
-                    skipped += 1
+                    skipped += 1  # answered by a previous, interrupted run
                     continue
                 k = sum(1 for f in rec["fields"] if f.startswith("response_"))
                 texts = [rec["fields"][slot(j)] for j in range(k)]
@@ -231,16 +242,13 @@ def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
                     scores.append(score_cache[(prompt, t)])
                 rng = random.Random(f"{cfg.seed}:{annot.username}:{rec['external_id']}")
                 values = decide(annot, cfg, prompt, texts, scores, rng)
-                try:
-                    submit(http, rec["id"], values)
-                except ArgillaError as e:
-                    if e.status in (409, 422) and "already" in str(e).lower():
-                        skipped += 1  # answered meanwhile (e.g. by a previous, interrupted run)
-                        continue
-                    raise
-                done += 1
-                log_rows.append({"annotator": annot.username, "record": rec["external_id"], "values": values,
-                                 "noise_free": decide(annot, cfg, prompt, texts, scores, None)})
+                answers.append((rec["id"], values))
+                rows.append({"annotator": annot.username, "record": rec["external_id"], "values": values,
+                             "noise_free": decide(annot, cfg, prompt, texts, scores, None)})
+            errors = submit(http, answers)
+            refused.extend((annot.username, row["record"], err) for row, err in zip(rows, errors) if err)
+            log_rows.extend(row for row, err in zip(rows, errors) if not err)
+            done = sum(1 for err in errors if not err)
             per_user[annot.username] = {"submitted": done, "already_answered": skipped, "shown": len(records),
                                         **{k: getattr(annot, k) for k in NOISE_KEYS}}
             log.info("simulate: %s submitted %d responses (%d already answered)", annot.username, done, skipped)
@@ -250,6 +258,10 @@ def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
 
         write_jsonl(path, [json.loads(x) for x in previous if x.strip()] + log_rows)
         run.add_output("submissions", path)
+        if refused:
+            user, record, err = refused[0]
+            raise ArgillaError(f"simulate: the server refused {len(refused)} responses (the others are stored), "
+                               f"e.g. {user} on record {record}: {err}")
         elapsed = time.time() - t0
         n = sum(u["submitted"] for u in per_user.values())
         run.metrics.update({"n_submitted": n, "annotators": per_user,

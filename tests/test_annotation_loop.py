@@ -312,3 +312,21 @@ def test_push_survives_the_server_dying_mid_push(tmp_path):
         assert sorted(i["record"]["external_id"] for i in found["items"]) == sorted(ids)
     finally:
         server.down(cfg)
+
+
+def test_bulk_submit_reports_each_refused_response_and_keeps_the_rest(tmp_path, conn):
+    from annotation.simulate import annotator_records, submit
+
+    make_candidates(tmp_path / "candidates" / "candidates.jsonl", 3, 2, seed=4)
+    common = dict(run_dir=str(tmp_path), mode="binary", dataset="bulk", workspace="modes")
+    push(PushConfig(**common), conn=conn)
+    http = Http(conn)
+    ds = get_dataset(sdk_client(conn), DatasetConfig(**{k: v for k, v in common.items() if k != "run_dir"}))
+    ids = [r["id"] for r in annotator_records(http, ds.id)]
+    errors = submit(http, [(ids[0], {"preference": "response_1"}), (ids[1], {"preference": "no-such-label"}),
+                           (ids[2], {"preference": "response_2"})])
+    assert errors[0] is None and errors[2] is None
+    assert errors[1] and "no-such-label" in errors[1]
+    stored = {r["id"]: [resp["values"]["preference"]["value"] for resp in r.get("responses") or []]
+              for r in annotator_records(http, ds.id)}
+    assert stored == {ids[0]: ["response_1"], ids[1]: [], ids[2]: ["response_2"]}
