@@ -167,3 +167,14 @@ def freeze_lower_layers(model, trainable_layers: int | None) -> dict:
     return {"trainable_layers": trainable_layers, "total_layers": model.config.num_hidden_layers,
             "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
             "total_parameters": sum(p.numel() for p in params)}
+
+
+def even_eval_batch_size(n_examples: int, batch_size: int) -> int:
+    """The largest eval batch size up to ``batch_size`` that divides ``n_examples``.
+
+    TRL's reward and DPO trainers report eval accuracy as the mean of per-batch means, which is
+    the true accuracy only when every batch is the same size: 10 pairs in batches of 8 and 2 with
+    4/8 and 2/2 right read 0.75, not 6/10."""
+    if n_examples <= 0:
+        return batch_size
+    return max(d for d in range(1, min(batch_size, n_examples) + 1) if n_examples % d == 0)

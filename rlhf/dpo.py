@@ -32,7 +32,7 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run
-from alignkit.training import (evaluate_once, freeze_lower_layers, latest_checkpoint, lora_config, qlora_config, qlora_problem,
+from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config, qlora_config, qlora_problem,
                                save_trained_model, tensorboard_callback)
 from sft.train import LoraOptions
 
@@ -183,7 +183,8 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
             output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
             num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+            per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=even_eval_batch_size(len(data["eval"]), cfg.batch_size),
             gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
             save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
             logging_steps=cfg.logging_steps, report_to="none",  # TensorBoard: our callback below

@@ -330,3 +330,14 @@ def test_report_escapes_text():
                          [{"prompt": evil, "chosen": "a & b", "rejected": "<b>x</b>", "r_chosen": -0.5, "r_rejected": 0.5}])
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;b&gt;x&lt;/b&gt;" in page and "<code>&lt;m&gt;</code>" in page
+
+
+def test_eval_batches_are_all_the_same_size():
+    # TRL averages per-batch accuracies: 10 pairs as 8 + 2 with 4/8 and 2/2 right would read 0.75, not 0.6
+    from alignkit.training import even_eval_batch_size
+
+    assert even_eval_batch_size(10, 8) == 5
+    assert even_eval_batch_size(16, 8) == 8
+    assert even_eval_batch_size(13, 8) == 1  # a prime count: one pair per batch, slow but exact
+    assert even_eval_batch_size(3, 8) == 3
+    assert even_eval_batch_size(0, 8) == 8
