@@ -196,7 +196,7 @@ BULK = 100  # the server's limit on responses per bulk request
 
 def submit(http: Http, answers: list[tuple[str, dict]]) -> list[str | None]:
     """Submit ``(record_id, values)`` responses as the current user, up to BULK per request (the
-    endpoint the UI's bulk view uses; one request per response is several times slower). Returns
+    endpoint the UI's bulk view uses; far fewer round trips than one request per response). Returns
     the server's error for each answer, None where it was stored."""
     errors: list[str | None] = []
     for i in range(0, len(answers), BULK):

@@ -89,8 +89,8 @@ def tie_aware_interval(wins: int, ties: int, losses: int, confidence: float = 0.
 
     Without ties it is the Wilson interval on ``n``. With ties it is narrower than a Wilson
     interval on ``n`` that counts each tie as half a success, which would charge every tie the
-    variance of a coin flip: with half the prompts tied, that interval is about 1.4 times too
-    wide. When every prompt is a tie (``m = 0``) the interval is ``[0.5, 0.5]``: on these prompts
+    variance of a coin flip: with 28 ties among 47 prompts it is 1.9 times as wide
+    (docs/evaluation.md has the numbers). When every prompt is a tie (``m = 0``) the interval is ``[0.5, 0.5]``: on these prompts
     the two models cannot be told apart.
     """
     n, m = wins + ties + losses, wins + losses

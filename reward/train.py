@@ -32,8 +32,8 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, check_leakage, load_preferences, seeded_split
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
-from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config, save_trained_model,
-                               tensorboard_callback)
+from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
+                               save_trained_model, tensorboard_callback)
 from reward.scoring import conversation_ids, truncate_left
 from sft.train import LoraOptions
 

@@ -32,8 +32,8 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run
-from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config, qlora_config, qlora_problem,
-                               save_trained_model, tensorboard_callback)
+from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
+                               qlora_config, qlora_problem, save_trained_model, tensorboard_callback)
 from sft.train import LoraOptions
 
 log = logging.getLogger("alignkit.dpo")
