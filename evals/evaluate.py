@@ -50,6 +50,10 @@ class EvalConfig:
     reward_function: str | None = doc("rule reward 'module:function' or 'file.py:function', (prompts: list[str], responses: list[str]) -> list[float]; null for none", None)
     output_dir: str = doc("this stage's run directory", "runs/quickstart/eval")
     seed: int = doc("generation seed: every model uses the same seeds (seed + batch index) on the same prompts", 0)
+    samples_per_prompt: int = doc(
+        "replies sampled per prompt and model; every per-prompt number (reward, length, KL, oracle) is the mean over "
+        "them before models are compared, so a win rate compares what each model tends to say, not one draw "
+        "(at temperature 1 a single draw per prompt makes win rates noisy)", 1)
     max_new_tokens: int = doc("stop a reply after this many tokens (it also stops at EOS)", 128)
     do_sample: bool = doc("sample (true) or greedy (false); the KL estimate is exact only when sampling at temperature 1 without top-p/top-k", True)
     temperature: float = doc("sampling temperature", 1.0)
@@ -80,8 +84,10 @@ class EvalConfig:
             raise ConfigError("eval: max_prompts must be >= 1 (or null for all)")
         if not 0 < self.confidence < 1:
             raise ConfigError("eval: confidence must be between 0 and 1")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("eval: max_new_tokens and batch_size must be >= 1")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.samples_per_prompt < 1:
+            raise ConfigError("eval: max_new_tokens, batch_size and samples_per_prompt must be >= 1")
+        if self.samples_per_prompt > 1 and not self.do_sample:
+            raise ConfigError("eval: samples_per_prompt > 1 needs do_sample: true (greedy replies would all be the same)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,8 +177,9 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
     order = [ref_name] + [n for n in cfg.models if n != ref_name]
     gen_kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
                       top_p=cfg.top_p, top_k=cfg.top_k, batch_size=cfg.batch_size, seed=cfg.seed,
-                      max_prompt_length=cfg.max_prompt_length)
+                      num_return_sequences=cfg.samples_per_prompt, max_prompt_length=cfg.max_prompt_length)
     messages = [p["prompt"] for p in prompts]
+    k = cfg.samples_per_prompt
     cache_dir = run.dir / "cache"
     ref_hash = run.inputs.get(f"model:{ref_name}", {}).get("hash")
     ref = None  # (model, tokenizer), loaded on demand
@@ -187,25 +194,26 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
                 log.info("eval: %s: reusing generations from %s", name, cached)
                 results[name] = data
                 continue
-        log.info("eval: %s: generating %d replies (%s)", name, len(prompts), paths[name])
+        log.info("eval: %s: generating %d replies (%s)", name, len(prompts) * k, paths[name])
         if name == ref_name:
             ref = load_policy(paths[name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
             model, tok = ref
         else:
             model, tok = load_policy(paths[name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-        out = generate(model, tok, messages, **gen_kwargs)
+        # The model's own log-probs of its replies come from the logits generation computes anyway
+        # (a second forward pass over every reply cost as much as generating it).
+        out = generate(model, tok, messages, **gen_kwargs, return_logprobs=cfg.compute_kl and name != ref_name)
         log.info("eval: %s: %d tokens in %.1fs", name, out.generated_tokens, out.seconds)
         data = {"key": key, "texts": out.texts, "n_tokens": out.n_tokens, "finished": out.finished,
                 "seconds": out.seconds, "generated_tokens": out.generated_tokens, "log_ratio": None, "kl_note": None}
         if name == ref_name:
-            data["log_ratio"] = [0.0] * len(prompts)  # KL of the reference to itself
+            data["log_ratio"] = [0.0] * len(out.texts)  # KL of the reference to itself
         elif cfg.compute_kl:
             if ref is None:
                 ref = load_policy(paths[ref_name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
             if same_vocabulary(tok, ref[1]):
-                pad = tok.pad_token_id
-                lp_model = sequence_logprobs(model, out.prompt_ids, out.response_ids, pad, cfg.batch_size)
-                ref_prompt_ids = [encode_prompt(ref[1], m) for m in messages]
+                lp_model = out.logprobs
+                ref_prompt_ids = [encode_prompt(ref[1], m) for m in messages for _ in range(k)]
                 if cfg.max_prompt_length:
                     ref_prompt_ids = [r[-cfg.max_prompt_length:] for r in ref_prompt_ids]
                 lp_ref = sequence_logprobs(ref[0], ref_prompt_ids, out.response_ids, ref[1].pad_token_id, cfg.batch_size)
@@ -227,33 +235,46 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
 # Scoring
 
 
+def per_reply(values: list, k: int) -> list:
+    """Per-prompt values repeated for each of the prompt's ``k`` replies (replies are prompt-major)."""
+    return [v for v in values for _ in range(k)]
+
+
+def per_prompt_means(values: list[float], k: int) -> list[float]:
+    """Mean of each prompt's ``k`` consecutive per-reply values."""
+    return [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
+
+
 def _score(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict]) -> dict[str, dict[str, list[float]]]:
-    """source -> model -> one score per prompt."""
+    """source -> model -> one score per reply."""
+    k = cfg.samples_per_prompt
     scores: dict[str, dict[str, list[float]]] = {}
     if cfg.reward_model:
         from reward.scoring import RewardScorer
 
         scorer = RewardScorer(cfg.reward_model, device=cfg.device, batch_size=cfg.reward_batch_size,
                               max_length=cfg.reward_max_length)
-        scores[REWARD_MODEL] = {name: [float(s) for s in scorer.score([p["prompt"] for p in prompts], g["texts"])]
+        messages = per_reply([p["prompt"] for p in prompts], k)
+        scores[REWARD_MODEL] = {name: [float(s) for s in scorer.score(messages, g["texts"])]
                                 for name, g in gens.items()}
         del scorer
     if cfg.reward_function:
         fn = load_reward_function(cfg.reward_function)
         scores[RULE] = {}
         for name, g in gens.items():
-            values = list(fn([p["text"] for p in prompts], list(g["texts"])))
-            if len(values) != len(prompts):
-                raise ValueError(f"reward_function {cfg.reward_function}: returned {len(values)} scores for {len(prompts)} replies")
+            values = list(fn(per_reply([p["text"] for p in prompts], k), list(g["texts"])))
+            if len(values) != len(g["texts"]):
+                raise ValueError(f"reward_function {cfg.reward_function}: returned {len(values)} scores for {len(g['texts'])} replies")
             scores[RULE][name] = [float(v) for v in values]
     return scores
 
 
-def _oracle(prompts: list[dict], gens: dict[str, dict]) -> tuple[list[dict | None], dict[str, list[float | None]]]:
+def _oracle(prompts: list[dict], gens: dict[str, dict], k: int) -> tuple[list[dict | None], dict[str, list[float | None]]]:
+    """The constraint of each prompt, and model -> the oracle's score of each reply (None: no constraint)."""
     from alignkit.oracle import constraint_score, find_constraint
 
     constraints = [p.get("constraint") or find_constraint(p["prompt"]) for p in prompts]
-    per_model = {name: [constraint_score(t, c) if c else None for t, c in zip(g["texts"], constraints)]
+    per_model = {name: [constraint_score(t, c) if c else None for t, c in zip(g["texts"], per_reply(constraints, k))]
                  for name, g in gens.items()}
     return constraints, per_model
 
@@ -264,49 +285,63 @@ def words(text: str) -> int:
 
 def compute_results(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict],
                     scores: dict[str, dict[str, list[float]]], constraints: list, oracle: dict | None) -> dict:
-    """Every number in eval.json, from the per-prompt values."""
+    """Every number in eval.json, from the per-reply values.
+
+    The prompt is the unit of every interval and every win, tie or loss: with several replies per
+    prompt, each per-prompt number is first the mean over the prompt's replies.
+    """
     conf = cfg.confidence
+    k = cfg.samples_per_prompt
     base = cfg.baseline
     ref_name = cfg.kl_reference or cfg.baseline
     exact_kl = cfg.do_sample and cfg.temperature == 1.0 and cfg.top_p >= 1.0 and cfg.top_k == 0
     word_len = {n: [words(t) for t in g["texts"]] for n, g in gens.items()}
     has_oracle = oracle is not None and any(c is not None for c in constraints)
     oracle_idx = [i for i, c in enumerate(constraints) if c is not None] if has_oracle else []
+
+    def means(values: list[float]) -> list[float]:
+        return per_prompt_means(values, k)
+
     models = {}
     for name, g in gens.items():
         m: dict = {
             "model": cfg.models[name],
-            "length": {"tokens": stats.mean_ci(g["n_tokens"], conf), "words": stats.mean_ci(word_len[name], conf),
+            "length": {"tokens": stats.mean_ci(means(g["n_tokens"]), conf), "words": stats.mean_ci(means(word_len[name]), conf),
                        "finished_fraction": sum(g["finished"]) / len(g["finished"])},
             "diversity": {"distinct_1": stats.distinct_n(g["texts"], 1), "distinct_2": stats.distinct_n(g["texts"], 2)},
-            "reward": {src: stats.mean_ci(s[name], conf) for src, s in scores.items()},
+            "reward": {src: stats.mean_ci(means(s[name]), conf) for src, s in scores.items()},
             "generation": {"seconds": g.get("seconds"), "generated_tokens": g.get("generated_tokens")},
         }
         if name != base:
             # The same reply in another batch can score 1e-7 apart (padding): identical replies tie.
             same = [a == b for a, b in zip(g["texts"], gens[base]["texts"])]
-            paired = {src: [sb if eq else sm for sm, sb, eq in zip(s[name], s[base], same)] for src, s in scores.items()}
+            paired = {src: means([sb if eq else sm for sm, sb, eq in zip(s[name], s[base], same)])
+                      for src, s in scores.items()}
             m["identical_replies"] = sum(same)
-            m["win_rate"] = {src: stats.win_rate(paired[src], s[base], conf) for src, s in scores.items()}
-            m["lc_win_rate"] = {src: stats.length_controlled_win_rate(paired[src], s[base], word_len[name], word_len[base], conf)
+            m["win_rate"] = {src: stats.win_rate(paired[src], means(s[base]), conf) for src, s in scores.items()}
+            m["lc_win_rate"] = {src: stats.length_controlled_win_rate(paired[src], means(s[base]), means(word_len[name]),
+                                                                      means(word_len[base]), conf)
                                 for src, s in scores.items()}
         if g.get("log_ratio") is not None:
-            m["kl"] = {**stats.mean_ci(g["log_ratio"], conf), "reference": ref_name,
+            m["kl"] = {**stats.mean_ci(means(g["log_ratio"]), conf), "reference": ref_name,
                        "estimator": "sampled (unbiased)" if exact_kl else
                        "log-ratio on non-exact samples (greedy, tempered or truncated): not an unbiased KL estimate"}
         else:
             m["kl"] = {"mean": None, "ci": [None, None], "reference": ref_name,
                        "note": g.get("kl_note") or "compute_kl is off"}
         if has_oracle:
-            vals = [oracle[name][i] for i in oracle_idx]
-            o = {"n": len(vals), "score": stats.mean_ci(vals, conf), "pass": stats.proportion([v >= 1.0 for v in vals], conf)}
+            replies = {n: [oracle[n][i * k:(i + 1) * k] for i in oracle_idx] for n in (name, base)}
+            vals = [sum(r) / k for r in replies[name]]
+            o = {"n": len(vals), "score": stats.mean_ci(vals, conf),
+                 "pass": stats.proportion_over_prompts([sum(v >= 1.0 for v in r) for r in replies[name]], k, conf)}
             if name != base:
-                o["win_rate"] = stats.win_rate(vals, [oracle[base][i] for i in oracle_idx], conf)
+                o["win_rate"] = stats.win_rate(vals, [sum(r) / k for r in replies[base]], conf)
             m["oracle"] = o
         models[name] = m
     primary = REWARD_MODEL if REWARD_MODEL in scores else (RULE if RULE in scores else None)
     return {
         "n_prompts": len(prompts),
+        "samples_per_prompt": k,
         "prompts": prompts_file(cfg.prompts),
         "baseline": base,
         "kl_reference": ref_name,
@@ -318,7 +353,7 @@ def compute_results(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict],
         "length_unit_for_lc": "words (whitespace-separated)",
         "generation": {"seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
                        "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
-                       "batch_size": cfg.batch_size},
+                       "batch_size": cfg.batch_size, "samples_per_prompt": k},
         "models": models,
     }
 
@@ -341,24 +376,28 @@ def flat_metrics(result: dict) -> dict:
     return out
 
 
-def generation_rows(prompts, gens, scores, constraints, oracle) -> list[dict]:
+def generation_rows(prompts, gens, scores, constraints, oracle, k: int = 1) -> list[dict]:
+    """One row per prompt and sample: the prompt, and each model's reply ``sample`` with its scores."""
     rows = []
     for i, p in enumerate(prompts):
-        row = {"id": p["id"], "prompt": p["prompt"]}
-        if "reference" in p:
-            row["reference"] = p["reference"]
-        if constraints and constraints[i] is not None:
-            row["constraint"] = constraints[i]
-        row["responses"] = {}
-        for name, g in gens.items():
-            r = {"text": g["texts"][i], "n_tokens": g["n_tokens"][i], "n_words": words(g["texts"][i]),
-                 "finished": g["finished"][i], "rewards": {src: s[name][i] for src, s in scores.items()}}
-            if g.get("log_ratio") is not None:
-                r["log_ratio_to_reference"] = g["log_ratio"][i]
-            if oracle is not None and constraints[i] is not None:
-                r["oracle_score"] = oracle[name][i]
-            row["responses"][name] = r
-        rows.append(row)
+        for j in range(k):
+            reply = i * k + j
+            row = {"id": p["id"], "sample": j, "prompt": p["prompt"]}
+            if "reference" in p:
+                row["reference"] = p["reference"]
+            if constraints and constraints[i] is not None:
+                row["constraint"] = constraints[i]
+            row["responses"] = {}
+            for name, g in gens.items():
+                text = g["texts"][reply]
+                r = {"text": text, "n_tokens": g["n_tokens"][reply], "n_words": words(text),
+                     "finished": g["finished"][reply], "rewards": {src: s[name][reply] for src, s in scores.items()}}
+                if g.get("log_ratio") is not None:
+                    r["log_ratio_to_reference"] = g["log_ratio"][reply]
+                if oracle is not None and constraints[i] is not None:
+                    r["oracle_score"] = oracle[name][reply]
+                row["responses"][name] = r
+            rows.append(row)
     return rows
 
 
@@ -403,9 +442,10 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         finally:
             torch.set_num_threads(threads)
         scores = _score(cfg, prompts, gens)
-        constraints, oracle = _oracle(prompts, gens) if cfg.oracle else ([None] * len(prompts), None)
+        k = cfg.samples_per_prompt
+        constraints, oracle = _oracle(prompts, gens, k) if cfg.oracle else ([None] * len(prompts), None)
         result = compute_results(cfg, prompts, gens, scores, constraints, oracle)
-        rows = generation_rows(prompts, gens, scores, constraints, oracle)
+        rows = generation_rows(prompts, gens, scores, constraints, oracle, k)
 
         from evals.report import write_report
 

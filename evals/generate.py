@@ -44,6 +44,7 @@ class GenerationResult:
     finished: list[bool]  # True when the model emitted EOS before max_new_tokens
     prompt_ids: list[list[int]]  # the rendered prompt, per response
     response_ids: list[list[int]]  # generated ids up to and including EOS, no padding
+    logprobs: list[float] | None = None  # with return_logprobs: sum of log p(token) over response_ids
     seconds: float = 0.0  # wall time spent in generate()
     batches: int = 0
     settings: dict = field(default_factory=dict)
@@ -114,12 +115,18 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_return_sequences: int = 1, batch_size: int = 8, seed: int = 0,
-             max_prompt_length: int | None = None) -> GenerationResult:
+             max_prompt_length: int | None = None, return_logprobs: bool = False) -> GenerationResult:
     """Generate replies to ``prompts`` in left-padded batches of ``batch_size`` prompts.
 
     Greedy when ``do_sample`` is false; otherwise ancestral sampling with ``temperature``,
     ``top_p`` (1.0 = off) and ``top_k`` (0 = off). ``max_prompt_length`` keeps the last N
     prompt tokens (None: no truncation). See the module docstring for seeding and ordering.
+
+    ``return_logprobs`` also returns, per reply, the sum over its tokens (EOS included) of
+    ``log p(token)`` under the model's own distribution (raw logits: before temperature, top-k and
+    top-p), taken from the logits generation computes anyway. It is what
+    :func:`sequence_logprobs` computes by teacher forcing, up to float rounding (~1e-4 nats per
+    reply), without a second forward pass.
     """
     from transformers import GenerationConfig
 
@@ -135,12 +142,13 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
                     eos_token_id=stops, pad_token_id=pad_id)
     if do_sample:
         settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    gen_config = GenerationConfig(**settings)
+    gen_config = GenerationConfig(**settings, return_dict_in_generate=True, output_logits=return_logprobs)
 
     k = num_return_sequences
     n = len(encoded)
     out_ids: list[list[int] | None] = [None] * (n * k)
     finished: list[bool] = [False] * (n * k)
+    logprobs: list[float] = [0.0] * (n * k)
     # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
     order = sorted(range(n), key=lambda i: (-len(encoded[i]), i))
     t0 = time.perf_counter()
@@ -151,9 +159,13 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
         torch.manual_seed(seed + b)
         if device.type == "cuda":
             torch.cuda.manual_seed_all(seed + b)
-        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              generation_config=gen_config)
-        new = seqs[:, input_ids.shape[1]:].tolist()
+        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=gen_config)
+        new_ids = gen.sequences[:, input_ids.shape[1]:]
+        new = new_ids.tolist()
+        if return_logprobs:  # [rows, steps]: log p of each generated token (pads after EOS are cut below)
+            token_logp = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new_ids[:, t:t + 1]).squeeze(-1)
+                                      for t, step in enumerate(gen.logits)], dim=1).tolist()
         batches += 1
         for row, ids in enumerate(new):
             prompt_i, sample_j = idx[row // k], row % k
@@ -161,6 +173,8 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
             target = prompt_i * k + sample_j
             out_ids[target] = ids[:cut + 1] if cut is not None else ids
             finished[target] = cut is not None
+            if return_logprobs:
+                logprobs[target] = float(sum(token_logp[row][:len(out_ids[target])]))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -174,7 +188,7 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
     settings_out.update(batch_size=batch_size, seed=seed, stop_token_ids=stops)
     return GenerationResult(texts=texts, n_tokens=n_tokens, finished=finished,
                             prompt_ids=[encoded[i // k] for i in range(n * k)], response_ids=out_ids,
-                            seconds=seconds, batches=batches, settings=settings_out)
+                            logprobs=logprobs if return_logprobs else None, seconds=seconds, batches=batches, settings=settings_out)
 
 
 @torch.no_grad()

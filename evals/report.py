@@ -78,7 +78,7 @@ def _plots(result: dict, rows: list[dict]) -> list[tuple[str, str]]:
         for i, vals in enumerate(data, start=1):
             ax.scatter(i + rng.uniform(-0.15, 0.15, len(vals)), vals, s=10, alpha=0.5, color=colors[names[i - 1]])
         ax.set_ylabel(f"reward ({src})")
-        ax.set_title(f"Reward per reply ({src}); box = quartiles, dots = prompts")
+        ax.set_title(f"Reward per reply ({src}); box = quartiles, dots = replies")
         plots.append((f"reward distribution {src}", _png(fig)))
 
     bars = []  # (label, value, lo, hi)
@@ -167,7 +167,7 @@ def _samples_table(result: dict, rows: list[dict], n: int) -> str:
     names = list(result["models"])
     head = "<tr><th>prompt</th>" + "".join(f"<th>{_esc(m)}</th>" for m in names) + "</tr>"
     body = []
-    for r in rows[:n]:
+    for r in [r for r in rows if r.get("sample", 0) == 0][:n]:
         prompt = "\n".join(f"[{m['role']}] {m['content']}" if m["role"] != "user" else m["content"] for m in r["prompt"])
         extra = ""
         if r.get("constraint"):
@@ -190,8 +190,8 @@ EXPLAIN = """
 <dl>
 <dt>Reward</dt><dd>Mean score of the model's replies under each reward source, with a Student-t interval over prompts.
 Reward-model scores are only comparable with each other, not across reward models.</dd>
-<dt>Win rate</dt><dd>Share of prompts where the model's reply scores higher than the baseline's reply to the same prompt;
-a tie counts half and identical replies always tie. The interval is the Wilson interval of the chance of winning a prompt that is not a tie, scaled by the share of such prompts.</dd>
+<dt>Win rate</dt><dd>Share of prompts where the model's reply scores higher than the baseline's reply to the same prompt
+(with several replies per prompt: the mean score of its replies); a tie counts half and identical replies always tie. The interval is the Wilson interval of the chance of winning a prompt that is not a tie, scaled by the share of such prompts.</dd>
 <dt>Length-controlled (LC) win rate</dt><dd>Reward models often prefer longer replies. Per prompt, the reward difference
 <i>d</i> is regressed on the length difference <i>l</i> (in words): <i>d ≈ a + b·l</i>. The LC win rate is the win rate of
 <i>d − b·l</i>, the difference with the length effect removed. A model whose win rate drops a lot under length control
@@ -212,7 +212,10 @@ baseline's per prompt. It does not depend on any learned model, so it cannot be 
 def render(result: dict, rows: list[dict], samples: int = 12) -> str:
     plots = _plots(result, rows)
     g = result["generation"]
+    k = result.get("samples_per_prompt", 1)
     gen = ("sampled" if g["do_sample"] else "greedy") + f", max {g['max_new_tokens']} new tokens, seed {g['seed']}"
+    if k > 1:
+        gen += f", {k} replies per prompt (per-prompt numbers are their means)"
     if g["do_sample"]:
         gen += f", temperature {g['temperature']}, top-p {g['top_p']}, top-k {g['top_k']}"
     parts = [
@@ -227,7 +230,8 @@ def render(result: dict, rows: list[dict], samples: int = 12) -> str:
         "<h2>Plots</h2><div class=plots>",
         *[f"<img alt='{_esc(alt)}' src='data:image/png;base64,{b64}'>" for alt, b64 in plots],
         "</div>",
-        f"<h2>Sample generations</h2><p class=meta>The first {min(samples, len(rows))} prompts; every reply is in generations.jsonl.</p>",
+        f"<h2>Sample generations</h2><p class=meta>The first {min(samples, result['n_prompts'])} prompts"
+        f"{', first reply of each' if k > 1 else ''}; every reply is in generations.jsonl.</p>",
         _samples_table(result, rows, samples),
         "<h2>What the numbers mean</h2>", EXPLAIN,
         "</body></html>",

@@ -7,6 +7,8 @@
 * :func:`length_controlled_win_rate` -- the win rate after removing the part of each per-prompt
   reward difference that a linear fit attributes to the length difference.
 * :func:`distinct_n` -- corpus-level distinct-n (Li et al., 2016).
+* :func:`proportion_over_prompts` -- a pass rate with an interval over prompts when each prompt
+  has several replies.
 
 See ``docs/evaluation.md`` for what each number means and why these estimators.
 """
@@ -181,3 +183,23 @@ def proportion(flags: Sequence[bool], confidence: float = 0.95) -> dict:
     """``{"rate", "ci", "k", "n"}`` for a list of yes/no outcomes (Wilson interval)."""
     n, k = len(flags), sum(1 for f in flags if f)
     return {"rate": k / n if n else None, "ci": wilson_interval(k, n, confidence), "k": k, "n": n}
+
+
+def proportion_over_prompts(passed: Sequence[int], k: int, confidence: float = 0.95) -> dict:
+    """``{"rate", "ci", "k", "n"}`` when each prompt has ``k`` yes/no outcomes, ``passed[i]`` of them yes.
+
+    ``rate = sum(passed) / (k · len(passed))``; ``k`` and ``n`` in the result count outcomes. With
+    ``k = 1`` this is :func:`proportion` (Wilson interval). With ``k > 1`` the replies to one prompt
+    are not independent (a hard prompt is hard for every reply), so the interval is the Student-t
+    interval (:func:`mean_ci`) of the per-prompt fractions ``passed[i] / k``, clipped to [0, 1]:
+    the prompts are the independent units.
+    """
+    if k < 1 or any(not 0 <= p <= k for p in passed):
+        raise ValueError(f"proportion_over_prompts: each count must be between 0 and k={k}")
+    if k == 1:
+        return proportion([p == 1 for p in passed], confidence)
+    n = len(passed) * k
+    total = sum(passed)
+    lo, hi = mean_ci([p / k for p in passed], confidence)["ci"]
+    ci = [max(0.0, lo), min(1.0, hi)] if lo is not None else [None, None]
+    return {"rate": total / n if n else None, "ci": ci, "k": total, "n": n}

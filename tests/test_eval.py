@@ -212,7 +212,9 @@ def test_same_model_twice_gets_identical_replies_and_rerun_is_a_noop(assets, sha
     assert all(r["responses"]["sft"]["text"] == r["responses"]["copy"]["text"] for r in rows)
     copy = result["models"]["copy"]
     assert copy["win_rate"]["rule"]["ties"] == 8 and copy["win_rate"]["rule"]["win_rate"] == 0.5
-    assert copy["kl"]["mean"] == 0.0
+    # the copy's own log-probs come from its generation logits, the reference's from teacher
+    # forcing: equal up to float rounding
+    assert copy["kl"]["mean"] == pytest.approx(0.0, abs=1e-4)
     before = (tmp_path / "e" / "manifest.json").read_text()
     assert main(args) == 0  # completed with the same config and inputs: skipped
     assert (tmp_path / "e" / "manifest.json").read_text() == before
@@ -227,9 +229,33 @@ def test_same_model_twice_gets_identical_replies_and_rerun_is_a_noop(assets, sha
     assert rows_again == rows  # same seeds, same replies
 
 
+def test_several_replies_per_prompt(assets, tmp_path, capsys):
+    """samples_per_prompt=2: two rows per prompt in generations.jsonl, and every summary number is
+    over prompts (the per-prompt mean of the two replies), checked against the rows."""
+    out = tmp_path / "k2"
+    assert run_eval(out, assets, assets["heldout"], "max_prompts=4", "samples_per_prompt=2",
+                    f"reward_model={assets['reward']}", f"reward_function={assets['rule']}") == 0
+    result, rows = load(out)
+    assert result["n_prompts"] == 4 and result["samples_per_prompt"] == 2
+    assert [(r["id"], r["sample"]) for r in rows] == [(f"heldout-{i}", j) for i in range(4) for j in range(2)]
+    for name in ("sft", "dpo"):
+        per_prompt = [sum(r["responses"][name]["rewards"]["rule"] for r in rows[2 * i:2 * i + 2]) / 2 for i in range(4)]
+        reward = result["models"][name]["reward"]["rule"]
+        assert reward["n"] == 4 and reward["mean"] == pytest.approx(sum(per_prompt) / 4)
+    assert rows[0]["responses"]["dpo"]["text"] != rows[1]["responses"]["dpo"]["text"]  # two draws, not one twice
+    w = result["models"]["dpo"]["win_rate"]["reward_model"]
+    assert w["wins"] + w["ties"] + w["losses"] == 4
+    page = (out / "report.html").read_text()
+    assert "2 replies per prompt" in page and page.count("<tr>") - 1 < len(rows)  # one sample per prompt shown
+    capsys.readouterr()
+    code = main(["eval", f"models={{sft: {assets['first']}}}", f"prompts={assets['heldout']}",
+                 f"output_dir={tmp_path / 'greedy'}", "samples_per_prompt=2", "do_sample=false"])
+    assert code == 2 and "samples_per_prompt > 1 needs do_sample: true" in capsys.readouterr().err
+
+
 def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, shared_data):
     from alignkit.data import load_prompts
-    from evals.generate import generate, load_policy
+    from evals.generate import generate, load_policy, sequence_logprobs
 
     model, tok = load_policy(str(assets["second"]))
     with torch.no_grad():  # sharpen the random model so its greedy replies depend on the prompt
@@ -248,6 +274,12 @@ def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, shared_da
     assert len(a.texts) == 6 and a.response_ids == b.response_ids
     assert a.prompt_ids[0] == a.prompt_ids[1] != a.prompt_ids[2]
     assert all(n == len(r) - (1 if f else 0) for n, r, f in zip(a.n_tokens, a.response_ids, a.finished))
+    # log-probs from the generation logits: the same replies, and what teacher forcing gives
+    c = generate(model, tok, prompts[:3], max_new_tokens=6, do_sample=True, num_return_sequences=2, seed=5,
+                 temperature=0.7, return_logprobs=True)
+    assert a.logprobs is None and c.response_ids != a.response_ids
+    forced = sequence_logprobs(model, c.prompt_ids, c.response_ids, tok.pad_token_id)
+    assert c.logprobs == pytest.approx(forced, abs=1e-3) and all(lp < 0 for lp in forced)
 
 
 def test_missing_model_dir_is_a_clear_error(assets, shared_data, tmp_path, capsys):

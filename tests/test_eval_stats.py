@@ -126,3 +126,57 @@ def test_mean_ci_and_proportion():
     assert stats.mean_ci([])["mean"] is None
     p = stats.proportion([True, False, True, True])
     assert p["rate"] == 0.75 and p["ci"] == pytest.approx(stats.wilson_interval(3, 4))
+
+
+def test_proportion_over_prompts_uses_the_prompts_as_units():
+    # 6 prompts x 2 replies, passing 2,1,1,0,2,1 -> rate 7/12; per-prompt fractions
+    # 1,.5,.5,0,1,.5: mean .583333, s = sqrt(.708333/5) = .376386, t(0.975, 5) = 2.570582,
+    # half = 2.570582 * .376386 / sqrt(6) = .394993 -> [.188340, .978327]
+    p = stats.proportion_over_prompts([2, 1, 1, 0, 2, 1], k=2)
+    assert p["rate"] == pytest.approx(7 / 12) and p["k"] == 7 and p["n"] == 12
+    assert p["ci"] == pytest.approx([0.188340, 0.978327], abs=1e-6)
+    # one reply per prompt: the Wilson interval of stats.proportion
+    assert stats.proportion_over_prompts([1, 0, 1, 1], k=1) == stats.proportion([True, False, True, True])
+    # 2 prompts: t(0.975, 1) = 12.7 makes the interval wider than [0, 1]: clipped
+    assert stats.proportion_over_prompts([2, 1], k=2)["ci"] == [0.0, 1.0]
+    with pytest.raises(ValueError, match="between 0 and k=2"):
+        stats.proportion_over_prompts([3, 1], k=2)
+
+
+def test_eval_numbers_with_several_replies_per_prompt_are_per_prompt_means():
+    from evals.evaluate import EvalConfig, compute_results, generation_rows
+
+    cfg = EvalConfig(models={"sft": "a", "dpo": "b"}, baseline="sft", prompts="held.jsonl", samples_per_prompt=2)
+    prompts = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}], "text": f"q{i}"} for i in range(3)]
+    # replies are prompt-major: prompt i owns replies 2i and 2i+1
+    gens = {"sft": {"texts": list("abcdef"), "n_tokens": [1, 3, 2, 2, 5, 5], "finished": [True] * 5 + [False],
+                    "log_ratio": [0.0] * 6},
+            "dpo": {"texts": ["a", "x", "y", "z", "e", "f"], "n_tokens": [1, 1, 1, 1, 1, 1], "finished": [True] * 6,
+                    "log_ratio": [0.5, 1.5, 1.0, 1.0, 0.0, 0.0]}}
+    # replies 0, 4 and 5 are identical to the baseline's: they score as the baseline's (1, 2, 2)
+    scores = {"reward_model": {"sft": [1.0, 1.0, 0.0, 0.0, 2.0, 2.0], "dpo": [1.0000001, 3.0, 1.0, -2.0, 5.0, 5.0]}}
+    constraints = [{"type": "x"}, None, {"type": "x"}]
+    oracle = {"sft": [0.0, 1.0, None, None, 1.0, 1.0], "dpo": [1.0, 1.0, None, None, 1.0, 0.0]}
+    result = compute_results(cfg, prompts, gens, scores, constraints, oracle)
+    assert result["n_prompts"] == 3 and result["samples_per_prompt"] == 2
+    dpo, sft = result["models"]["dpo"], result["models"]["sft"]
+    # per-prompt means (paired): dpo 2.0, -0.5, 2.0 vs sft 1.0, 0.0, 2.0 -> win, loss, tie
+    w = dpo["win_rate"]["reward_model"]
+    assert (w["wins"], w["ties"], w["losses"], w["n"]) == (1, 1, 1, 3) and w["win_rate"] == 0.5
+    assert dpo["identical_replies"] == 3
+    # the mean reward uses the model's own scores: (2.00000005 - 0.5 + 5) / 3
+    assert dpo["reward"]["reward_model"]["mean"] == pytest.approx(6.50000005 / 3)
+    assert dpo["reward"]["reward_model"]["n"] == 3
+    assert sft["length"]["tokens"]["mean"] == 3.0 and sft["length"]["tokens"]["n"] == 3  # prompts 2, 2, 5
+    assert sft["length"]["finished_fraction"] == pytest.approx(5 / 6)  # over replies
+    assert dpo["kl"]["mean"] == pytest.approx(2 / 3) and dpo["kl"]["n"] == 3  # prompts 1, 1, 0
+    # oracle on prompts 0 and 2: dpo passes 2 of 2 and 1 of 2 replies; per-prompt scores 1, .5 vs sft .5, 1
+    o = dpo["oracle"]
+    assert o["n"] == 2 and o["pass"]["rate"] == 0.75 and (o["pass"]["k"], o["pass"]["n"]) == (3, 4)
+    assert o["score"]["mean"] == 0.75
+    assert (o["win_rate"]["wins"], o["win_rate"]["losses"]) == (1, 1)
+    rows = generation_rows(prompts, gens, scores, constraints, oracle, k=2)
+    assert [(r["id"], r["sample"]) for r in rows] == [("p0", 0), ("p0", 1), ("p1", 0), ("p1", 1), ("p2", 0), ("p2", 1)]
+    assert rows[3]["responses"]["dpo"] == {"text": "z", "n_tokens": 1, "n_words": 1, "finished": True,
+                                           "rewards": {"reward_model": -2.0}, "log_ratio_to_reference": 1.0}
+    assert rows[5]["responses"]["dpo"]["oracle_score"] == 0.0
