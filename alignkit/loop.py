@@ -48,6 +48,8 @@ class LoopConfig:
     dpo: dict = doc("DPO keys (alignkit align dpo --help)", default_factory=dict)
     ppo: dict = doc("PPO keys (alignkit align ppo --help)", default_factory=dict)
     eval: dict = doc("evaluation keys (alignkit eval --help)", default_factory=dict)
+    eval_base_model: bool = doc("evaluate the base model too, next to SFT, DPO and PPO (one more model to "
+                                "sample from, score and compare)", True)
 
 
 def _stage_config(cls, wired: dict, given: dict, where: str):
@@ -164,14 +166,19 @@ class Loop:
                  "prompts": self.path("sft", "train_prompts.jsonl"), "output_dir": self.path("ppo")}
         train(_stage_config(PPOConfig, wired, self.cfg.ppo, "ppo"), force=self.force)
 
-    def eval(self) -> None:
-        from evals.evaluate import EvalConfig, evaluate
-
-        models = {"base": self.cfg.model, "sft": self.path("sft", "model")}
+    def eval_models(self) -> dict[str, str]:
+        """name -> model for the eval stage: (base), SFT, and the aligned models this loop trains."""
+        models = {"base": self.cfg.model} if self.cfg.eval_base_model else {}
+        models["sft"] = self.path("sft", "model")
         for stage in ("dpo", "ppo"):
             if stage in self.cfg.stages:
                 models[stage] = self.path(stage, "model")
-        wired = {"models": models, "baseline": "sft", "prompts": self.path("sft", "heldout_prompts.jsonl"),
+        return models
+
+    def eval(self) -> None:
+        from evals.evaluate import EvalConfig, evaluate
+
+        wired = {"models": self.eval_models(), "baseline": "sft", "prompts": self.path("sft", "heldout_prompts.jsonl"),
                  "output_dir": self.path("eval")}
         if "reward" in self.cfg.stages:
             wired["reward_model"] = self.path("reward", "model")

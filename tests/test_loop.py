@@ -44,7 +44,7 @@ def test_whole_loop_then_a_rerun_skips_every_stage(tmp_path, tiny_model, argilla
         m = read_manifest(loop / stage)
         assert m and m["status"] == "completed", (stage, m and m.get("error"))
     result = json.loads((loop / "eval" / "eval.json").read_text())
-    assert {"base", "sft", "dpo", "ppo"} <= set(result["models"])
+    assert set(result["models"]) == {"sft", "dpo", "ppo"}  # the quickstart leaves the base model out
     index = (loop / "index.html").read_text()
     assert "eval/report.html" in index and "reward_eval/report.html" in index
     assert argilla_env.api_key not in index
@@ -88,3 +88,13 @@ def test_eval_summary_says_which_models_beat_the_baseline():
     assert "ppo vs sft: by the reward model: loses (CI below 0.5)" in text and "ppo vs sft: by the reward model: loses (CI below 0.5);" not in text
     assert "sft vs sft" not in text
     assert beats({"ci": [None, None]}) == "no data"
+
+
+def test_eval_models_follow_the_stages_and_the_base_model_switch():
+    from alignkit.loop import Loop, LoopConfig
+
+    loop = Loop(LoopConfig(run_dir="r", model="offline:x"))
+    assert loop.eval_models() == {"base": "offline:x", "sft": "r/sft/model", "dpo": "r/dpo/model", "ppo": "r/ppo/model"}
+    loop = Loop(LoopConfig(run_dir="r", stages=["sft", "annotate", "reward", "ppo", "eval"], eval_base_model=False))
+    assert loop.eval_models() == {"sft": "r/sft/model", "ppo": "r/ppo/model"}
+
