@@ -230,8 +230,8 @@ def render(result: dict, rows: list[dict], samples: int = 12) -> str:
         "<h2>Plots</h2><div class=plots>",
         *[f"<img alt='{_esc(alt)}' src='data:image/png;base64,{b64}'>" for alt, b64 in plots],
         "</div>",
-        f"<h2>Sample generations</h2><p class=meta>The first {min(samples, result['n_prompts'])} prompts"
-        f"{', first reply of each' if k > 1 else ''}; every reply is in generations.jsonl.</p>",
+        (f"<h2>Sample generations</h2><p class=meta>The first {min(samples, result['n_prompts'])} prompts"
+         f"{', first reply of each' if k > 1 else ''}; every reply is in generations.jsonl.</p>"),
         _samples_table(result, rows, samples),
         "<h2>What the numbers mean</h2>", EXPLAIN,
         "</body></html>",
