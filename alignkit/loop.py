@@ -21,7 +21,6 @@ import html
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,15 +108,10 @@ class Loop:
         from annotation.export import export
         from annotation.pull import pull
 
+        generate(verb_config("generate", {"model": self.path("sft", "model"), "prompts": self.path("sft"),
+                                          "prompts_split": "train"}), force=self.force)
         push_cfg = verb_config("push")
-        # Starting the local Argilla (a one-time install, then its processes; nothing when
-        # ARGILLA_API_URL/KEY name another server) mostly waits on subprocesses: it runs while
-        # the candidates are generated (about 40 s less on a fresh machine).
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            server = pool.submit(connect, push_cfg.server_home, start=True)
-            generate(verb_config("generate", {"model": self.path("sft", "model"), "prompts": self.path("sft"),
-                                              "prompts_split": "train"}), force=self.force)
-            server.result()
+        connect(push_cfg.server_home, start=True)  # the local server, unless ARGILLA_API_URL/KEY name another
         push(push_cfg)
         if self.cfg.annotators == "simulated":
             from annotation.simulate import simulate
