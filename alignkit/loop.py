@@ -20,6 +20,7 @@ import argparse
 import html
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,15 @@ class LoopConfig:
 
 def _stage_config(cls, wired: dict, given: dict, where: str):
     return from_dict(cls, _merge(wired, given or {}), where)
+
+
+def _local_server(server_home: str | None):
+    """The local Argilla's config, or None when ARGILLA_API_URL/KEY name another server."""
+    from annotation.server import ServerConfig
+
+    if os.environ.get("ARGILLA_API_URL") and os.environ.get("ARGILLA_API_KEY"):
+        return None
+    return ServerConfig(home=server_home) if server_home else ServerConfig()
 
 
 def _completed(stage_dir: Path) -> bool:
@@ -104,14 +114,33 @@ class Loop:
             return _stage_config(cls, _merge(base, wired or {}), sections.get(verb) or {}, f"annotate.{verb}")
 
         from annotation.candidates import generate
-        from annotation.datasets import connect, push
-        from annotation.export import export
-        from annotation.pull import pull
+        from annotation.datasets import connect
+        from annotation.server import down as stop_server
+        from annotation.server import status as local_status
 
         generate(verb_config("generate", {"model": self.path("sft", "model"), "prompts": self.path("sft"),
                                           "prompts_split": "train"}), force=self.force)
         push_cfg = verb_config("push")
+        local = _local_server(push_cfg.server_home)
+        started_here = local is not None and not local_status(local)["ready"]
         connect(push_cfg.server_home, start=True)  # the local server, unless ARGILLA_API_URL/KEY name another
+        if self.cfg.annotators == "simulated" and started_here:
+            try:
+                return self._annotate_on(push_cfg, verb_config)
+            finally:
+                # A running Argilla (server, search engine, workers) slowed torch on 2 cores by about
+                # 9% (a 60 s generation took 65 s): stop the one this run started before training.
+                stop_server(local)
+                print(f"run: stopped the local Argilla server this run started; the annotations stay in "
+                      f"{local.home} (`alignkit annotate server up` to browse them)")
+        return self._annotate_on(push_cfg, verb_config)
+
+    def _annotate_on(self, push_cfg, verb_config) -> int:
+        """Push, (simulate,) pull and export once the Argilla server answers."""
+        from annotation.datasets import push
+        from annotation.export import export
+        from annotation.pull import pull
+
         push(push_cfg)
         if self.cfg.annotators == "simulated":
             from annotation.simulate import simulate
