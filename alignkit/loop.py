@@ -128,8 +128,9 @@ class Loop:
             try:
                 return self._annotate_on(push_cfg, verb_config)
             finally:
-                # A running Argilla (server, search engine, workers) slowed torch on 2 cores by about
-                # 9% (a 60 s generation took 65 s): stop the one this run started before training.
+                # An idle Argilla (server, search engine, workers) holds about 2 GB and competes for
+                # the CPU: with two left running, a 59 s generation took 65-77 s on 2 cores. Stop
+                # the one this run started before training.
                 stop_server(local)
                 print(f"run: stopped the local Argilla server this run started; the annotations stay in "
                       f"{local.home} (`alignkit annotate server up` to browse them)")
