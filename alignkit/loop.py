@@ -20,7 +20,6 @@ import argparse
 import html
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +58,9 @@ def _stage_config(cls, wired: dict, given: dict, where: str):
 
 def _local_server(server_home: str | None):
     """The local Argilla's config, or None when ARGILLA_API_URL/KEY name another server."""
-    from annotation.server import ServerConfig
+    from annotation.server import ServerConfig, named_server
 
-    if os.environ.get("ARGILLA_API_URL") and os.environ.get("ARGILLA_API_KEY"):
+    if named_server():
         return None
     return ServerConfig(home=server_home) if server_home else ServerConfig()
 

@@ -381,12 +381,18 @@ def down(cfg: ServerConfig | None = None, timeout: float = 20.0) -> None:
         (cfg.home / "pids" / f"{name}.pid").unlink(missing_ok=True)
 
 
+def named_server() -> tuple[str, str] | None:
+    """(api_url, api_key) from ARGILLA_API_URL + ARGILLA_API_KEY when both are set, else None."""
+    url, key = os.environ.get("ARGILLA_API_URL"), os.environ.get("ARGILLA_API_KEY")
+    return (url.rstrip("/"), key) if url and key else None
+
+
 def connect(cfg: ServerConfig | None = None, start: bool = True) -> tuple[str, str]:
     """(api_url, api_key) of the Argilla to use: ARGILLA_API_URL + ARGILLA_API_KEY if both are set
-    (an existing Argilla), else the local server, started if needed (`start=False`: must be up)."""
-    url, key = os.environ.get("ARGILLA_API_URL"), os.environ.get("ARGILLA_API_KEY")
-    if url and key:
-        return url.rstrip("/"), key
+    (an existing Argilla, :func:`named_server`), else the local server, started if needed
+    (`start=False`: must be up)."""
+    if named := named_server():
+        return named
     cfg = cfg or ServerConfig()
     if start:
         info = up(cfg)
