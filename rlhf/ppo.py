@@ -319,9 +319,10 @@ def response_logprobs(model, input_ids, attention_mask, context_len: int, temper
                       with_entropy: bool = False):
     """Log-probs ``[B, T]`` of the response tokens (positions ``context_len:``) and optionally the
     entropy of the policy at each of them, with logits divided by the sampling temperature."""
+    # Only the positions that predict a response token go through the LM head (the prompt's would be discarded).
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_of(attention_mask),
-                   use_cache=False).logits
-    logits = logits[:, context_len - 1 : -1].float() / temperature
+                   use_cache=False, logits_to_keep=input_ids.shape[1] - context_len + 1).logits
+    logits = logits[:, :-1].float() / temperature
     logprobs = core.logprobs_from_logits(logits, input_ids[:, context_len:])
     entropy = core.entropy_from_logits(logits) if with_entropy else None
     return logprobs, entropy

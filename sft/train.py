@@ -24,7 +24,7 @@ from alignkit.data import DEMO_DATA, check_leakage, load_prompts, load_sft_examp
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
 from alignkit.training import (evaluate_once, latest_checkpoint, lora_config, qlora_config, save_trained_model,
-                               tensorboard_callback)
+                               score_only_labelled_tokens_on_cpu, tensorboard_callback)
 
 log = logging.getLogger("alignkit.sft")
 
@@ -168,6 +168,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
             max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
             dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=False,
         )
+        score_only_labelled_tokens_on_cpu()
         trainer = SFTTrainer(
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
             train_dataset=Dataset.from_list(splits["train"]), eval_dataset=Dataset.from_list(splits["validation"]),

@@ -123,3 +123,36 @@ def test_qlora_on_cpu_is_a_clear_error(tiny_model, pairs, tmp_path):
 def test_unknown_loss_type_is_a_clear_error(tiny_model, pairs, tmp_path):
     with pytest.raises(ConfigError, match="loss_type"):
         train(dpo_config(tiny_model, pairs, tmp_path / "x", loss_type=["nonsense"]))
+
+
+def test_cpu_fused_head_scores_only_labelled_tokens_with_the_same_result(tiny_model, monkeypatch):
+    """The CPU speed-up for TRL's fused LM head (alignkit.training) keeps the per-token log-probs
+    and the gradient: compare against TRL's own every-position path on one batch."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl.kernels.chunked_logprob import _use_triton as trl_decision
+    from trl.trainer.utils import add_fused_lm_head
+
+    from alignkit.training import score_only_labelled_tokens_on_cpu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    add_fused_lm_head(model)
+    ids = torch.randint(5, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :7] = -100  # the prompt
+    labels[1, 10:] = -100  # padding
+    results = []
+    for patched in (False, True):
+        if patched:
+            assert score_only_labelled_tokens_on_cpu() is True
+            assert trl_utils._use_triton(torch.device("cpu")) is True
+        else:
+            monkeypatch.setattr(trl_utils, "_use_triton", trl_decision)
+            assert trl_utils._use_triton(torch.device("cpu")) is False
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.log_probs.sum().backward()
+        results.append((out.log_probs.detach(), model.lm_head.weight.grad.clone()))
+    (lp_all, grad_all), (lp_labelled, grad_labelled) = results
+    assert torch.allclose(lp_all, lp_labelled, atol=1e-5) and (lp_labelled[labels[:, 1:] == -100] == 0).all()
+    assert torch.allclose(grad_all, grad_labelled, atol=1e-5) and grad_all.abs().sum() > 0

@@ -282,6 +282,41 @@ def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, shared_da
     assert c.logprobs == pytest.approx(forced, abs=1e-3) and all(lp < 0 for lp in forced)
 
 
+def test_prompts_read_once_give_the_replies_of_plain_generate(assets, shared_data):
+    """k sampled replies per prompt from one pass over each left-padded prompt and a repeated
+    cache: the same replies and logits as transformers' own expansion (k passes), same seed."""
+    from transformers import GenerationConfig
+
+    from alignkit.data import load_prompts
+    from evals.generate import (
+        _left_pad,
+        encode_prompt,
+        generate_sharing_prompts,
+        load_policy,
+    )
+
+    model, tok = load_policy(str(assets["second"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(3)
+    prompts = [p["prompt"] for p in load_prompts(shared_data / "mt_bench" / "question.jsonl")[:4]]
+    ids, mask = _left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths: real left padding
+    config = GenerationConfig(max_new_tokens=8, do_sample=True, num_return_sequences=3, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)
+    torch.manual_seed(3)
+    plain = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    torch.manual_seed(3)
+    shared = generate_sharing_prompts(model, ids, mask, config)
+    assert shared.sequences.shape == plain.sequences.shape == (12, ids.shape[1] + 8)
+    assert torch.equal(shared.sequences, plain.sequences)
+    assert len({tuple(r) for r in plain.sequences[:, ids.shape[1]:].tolist()}) > 4  # not one reply copied
+    for a, b in zip(shared.logits, plain.logits):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert config.num_return_sequences == 3  # the caller's config is left as it was
+
+
 def test_missing_model_dir_is_a_clear_error(assets, shared_data, tmp_path, capsys):
     prompts = shared_data / "mt_bench" / "question.jsonl"
     code = main(["eval", f"models={{sft: {assets['first']}, dpo: {tmp_path / 'runs' / 'dpo' / 'model'}}}",
