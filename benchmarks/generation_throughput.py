@@ -8,6 +8,10 @@ compares like with like on a noisy machine:
                    batched = ``num_return_sequences=k`` over batches of prompts;
                    one at a time = one call per (prompt, sample)
 
+and, for the candidate-style batches, the prompt read once and its cache repeated k times
+(``evals.generate.generate_sharing_prompts``, what alignkit does) against transformers' own
+expansion, which encodes each prompt k times. Both draw the same replies.
+
 Throughput is useful tokens per second: generated tokens up to and including EOS, never the
 padding that finished rows keep producing while the rest of their batch runs. On CUDA it also
 prints model FLOPs utilisation: 2 x parameters x (real prompt + generated tokens) per second over
@@ -20,6 +24,7 @@ the GPU's peak bf16 FLOP/s (forward passes only; attention FLOPs are left out, s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -32,16 +37,14 @@ from common import peak_flops  # noqa: E402  (benchmarks/common.py)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-
-
-
-def measure(model, tok, prompts, n_params: int, **kwargs) -> dict:
+def measure(model, tok, prompts, n_params: int, prompt_read_per_reply: bool = False, **kwargs) -> dict:
     from evals.generate import generate
 
     t0 = time.perf_counter()
     out = generate(model, tok, prompts, **kwargs)
     wall = time.perf_counter() - t0
-    prompt_tokens = sum(len(p) for p in out.prompt_ids)  # one prefill per reply (generate expands k)
+    k = 1 if prompt_read_per_reply else kwargs.get("num_return_sequences", 1)
+    prompt_tokens = sum(len(p) for p in out.prompt_ids[::k])  # prompt tokens the model actually read
     tokens = out.generated_tokens
     row = {"replies": len(out.texts), "generated_tokens": tokens, "seconds": round(out.seconds, 3),
            "tokens_per_s": tokens / out.seconds, "wall_s": round(wall, 3), "finished": sum(out.finished)}
@@ -49,6 +52,20 @@ def measure(model, tok, prompts, n_params: int, **kwargs) -> dict:
     if peak:
         row["mfu"] = 2 * n_params * (prompt_tokens + tokens) / out.seconds / peak
     return row
+
+
+@contextlib.contextmanager
+def prompts_expanded_by_transformers():
+    """Route ``evals.generate.generate`` through plain ``model.generate`` (each prompt encoded k times)."""
+    import evals.generate as gen
+
+    shared = gen.generate_sharing_prompts
+    gen.generate_sharing_prompts = lambda model, ids, mask, config: model.generate(
+        input_ids=ids, attention_mask=mask, generation_config=config)
+    try:
+        yield
+    finally:
+        gen.generate_sharing_prompts = shared
 
 
 def main() -> None:
@@ -94,6 +111,10 @@ def main() -> None:
     sample = dict(do_sample=True, temperature=1.0, **common)
     figures["candidates_batched"] = measure(model, tok, prompts, n_params, batch_size=max(1, args.batch_size // args.k),
                                             num_return_sequences=args.k, **sample)
+    with prompts_expanded_by_transformers():
+        figures["candidates_batched_prompt_read_k_times"] = measure(
+            model, tok, prompts, n_params, prompt_read_per_reply=True, batch_size=max(1, args.batch_size // args.k),
+            num_return_sequences=args.k, **sample)
     repeated = [p for p in prompts for _ in range(args.k)]
     figures["candidates_one_at_a_time"] = measure(model, tok, repeated, n_params, batch_size=1, **sample)
 
@@ -107,9 +128,12 @@ def main() -> None:
         "eval_batched_over_one_at_a_time": figures["eval_batched"]["tokens_per_s"] / figures["eval_one_at_a_time"]["tokens_per_s"],
         "candidates_batched_over_one_at_a_time": figures["candidates_batched"]["tokens_per_s"]
         / figures["candidates_one_at_a_time"]["tokens_per_s"],
+        "candidates_prompt_read_once_over_k_times": figures["candidates_batched"]["tokens_per_s"]
+        / figures["candidates_batched_prompt_read_k_times"]["tokens_per_s"],
     }
     print(f"\nbatched / one-at-a-time tokens/s: eval-style {ratios['eval_batched_over_one_at_a_time']:.2f}x, "
           f"candidate-style {ratios['candidates_batched_over_one_at_a_time']:.2f}x")
+    print(f"candidate-style batches, prompt read once / read k times: {ratios['candidates_prompt_read_once_over_k_times']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"figures": figures, "ratios": ratios, "model": args.model or "tiny",
                                                "device": str(device)}, indent=2))
