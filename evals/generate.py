@@ -225,30 +225,56 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
                       batch_size: int = 8) -> list[float]:
     """Sum over response tokens of ``log p(token | prompt, earlier tokens)`` under ``model``.
 
-    Teacher forcing on ``prompt + response`` with RIGHT padding (each real token keeps the
-    position it had alone). An empty response sums to 0.
+    Teacher forcing, each prompt read once: consecutive items with the same prompt (the k replies
+    :func:`generate` returns per prompt) share one pass over it, whose key/value cache the replies
+    then continue from. About ``batch_size`` replies go through the model at a time. Prompts are
+    LEFT-padded and replies RIGHT-padded, with positions counted over real tokens, so every token
+    sees what it would see alone. An empty response sums to 0.
     """
     device = next(model.parameters()).device
     totals = [0.0] * len(prompt_ids)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(response_ids[i])))
-    for start in range(0, len(order), batch_size):
-        idx = [i for i in order[start:start + batch_size] if response_ids[i]]
-        if not idx:
+    groups: list[tuple[list[int], list[int]]] = []  # (prompt, indices of its non-empty replies)
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        if not response:
             continue
-        seqs = [prompt_ids[i] + response_ids[i] for i in idx]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(seqs):
-            ids[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
-        for r, i in enumerate(idx):
-            p, L = len(prompt_ids[i]), len(response_ids[i])
-            # token at position t is predicted by logits at t-1: response tokens p..p+L-1
-            totals[i] = float(logp[r, p - 1:p - 1 + L].sum().cpu())
+        if groups and groups[-1][0] == prompt and i == groups[-1][1][-1] + 1:
+            groups[-1][1].append(i)
+        else:
+            groups.append((list(prompt), [i]))
+    groups.sort(key=lambda g: -len(g[0]))  # similar prompt lengths share a batch
+    batch: list[tuple[list[int], list[int]]] = []
+    for n, group in enumerate(groups):
+        batch.append(group)
+        if sum(len(g[1]) for g in batch) >= batch_size or n == len(groups) - 1:
+            _add_logprobs(model, batch, response_ids, pad_id, device, totals)
+            batch = []
     return totals
+
+
+def _add_logprobs(model, groups, response_ids, pad_id, device, totals) -> None:
+    """One batch of :func:`sequence_logprobs`: the prompts' pass, then every reply from its prompt's cache."""
+    prompt_ids, prompt_mask = _left_pad([g[0] for g in groups], pad_id)
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
+    out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each reply's first token
+    rows = torch.tensor([r for r, g in enumerate(groups) for _ in g[1]])
+    cache = out.past_key_values
+    cache.batch_select_indices(rows.to(device))
+    items = [i for g in groups for i in g[1]]
+    width = max(len(response_ids[i]) for i in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, i in enumerate(items):
+        ids[r, :len(response_ids[i])] = torch.tensor(response_ids[i])
+        mask[r, :len(response_ids[i])] = 1
+    positions = prompt_mask.sum(1)[rows].unsqueeze(1) + torch.arange(width)
+    logits = model(input_ids=ids.to(device), attention_mask=torch.cat([prompt_mask[rows], mask], 1).to(device),
+                   position_ids=positions.to(device), past_key_values=cache, use_cache=True).logits[:, :-1]
+    rest = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+    first = first[rows.to(device)].gather(-1, ids[:, :1].to(device)).squeeze(-1)
+    for r, i in enumerate(items):
+        totals[i] = float(first[r] + rest[r, :len(response_ids[i]) - 1].sum())
 
 
 def same_vocabulary(tok_a, tok_b) -> bool:

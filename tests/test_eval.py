@@ -317,6 +317,30 @@ def test_prompts_read_once_give_the_replies_of_plain_generate(assets, shared_dat
     assert config.num_return_sequences == 3  # the caller's config is left as it was
 
 
+def test_sequence_logprobs_sharing_prompts_equal_one_sequence_at_a_time(assets, shared_data):
+    """Teacher forcing with each prompt read once (consecutive replies of one prompt share its
+    cache) against the definition: one unpadded sequence at a time, log-softmax summed over the reply."""
+    from alignkit.data import load_prompts
+    from evals.generate import encode_prompt, load_policy, sequence_logprobs
+
+    model, tok = load_policy(str(assets["second"]))
+    prompts = [encode_prompt(tok, p["prompt"]) for p in load_prompts(shared_data / "mt_bench" / "question.jsonl")[:3]]
+    assert len({len(p) for p in prompts}) == 3
+    g = torch.Generator().manual_seed(0)
+    replies = [torch.randint(5, 100, (n,), generator=g).tolist() for n in (5, 1, 7, 3, 0, 6, 2, 4)]
+    # prompt 0 three times, prompt 1 twice (one empty reply), prompt 2, then prompt 0 again (not consecutive)
+    prompt_ids = [prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2]] + [prompts[0]] + [prompts[1]]
+    expected = []
+    with torch.no_grad():
+        for prompt, reply in zip(prompt_ids, replies):
+            logits = model(input_ids=torch.tensor([prompt + reply])).logits[0, len(prompt) - 1:-1]
+            expected.append(float(torch.log_softmax(logits, -1).gather(-1, torch.tensor(reply).unsqueeze(-1)).sum()))
+    for batch_size in (1, 3, 16):
+        got = sequence_logprobs(model, prompt_ids, replies, tok.pad_token_id, batch_size=batch_size)
+        assert got == pytest.approx(expected, abs=1e-4), batch_size
+    assert got[4] == 0.0 and all(v < 0 for i, v in enumerate(got) if i != 4)
+
+
 def test_missing_model_dir_is_a_clear_error(assets, shared_data, tmp_path, capsys):
     prompts = shared_data / "mt_bench" / "question.jsonl"
     code = main(["eval", f"models={{sft: {assets['first']}, dpo: {tmp_path / 'runs' / 'dpo' / 'model'}}}",
