@@ -118,9 +118,9 @@ def main() -> None:
     repeated = [p for p in prompts for _ in range(args.k)]
     figures["candidates_one_at_a_time"] = measure(model, tok, repeated, n_params, batch_size=1, **sample)
 
-    print(f"\n{'workload':<28}{'replies':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}" + ("   MFU" if peak_flops() else ""))
+    print(f"\n{'workload':<40}{'replies':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}" + ("   MFU" if peak_flops() else ""))
     for name, r in figures.items():
-        line = f"{name:<28}{r['replies']:>8}{r['generated_tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.1f}"
+        line = f"{name:<40}{r['replies']:>8}{r['generated_tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.1f}"
         if "mfu" in r:
             line += f"  {100 * r['mfu']:.2f}%"
         print(line)

@@ -198,9 +198,9 @@ def generate_sharing_prompts(model, input_ids: torch.Tensor, attention_mask: tor
     With ``num_return_sequences=k`` transformers copies every prompt k times before its forward
     pass, so the prompt is encoded k times. Here all but its last token are encoded once and the
     key/value cache is repeated k times; ``generate`` then starts from that cache. The replies are
-    the same as ``model.generate``'s under the same seed (logits agree to ~1e-5; measured: 64 of
-    64 sampled replies identical) and the call is about a third faster at k=4 on CPU. Models
-    whose cache cannot be repeated, k=1 and one-token prompts take the plain path.
+    the same as ``model.generate``'s under the same seed (logits agree to ~1e-5; measured: 188 of
+    188 sampled replies identical) and on a 2-core CPU the call was 1.2x to 1.3x faster at k=2 to 4.
+    k=1 and one-token prompts take the plain path.
     """
     k = generation_config.num_return_sequences or 1
     if k == 1 or input_ids.shape[1] < 2:
@@ -210,8 +210,6 @@ def generate_sharing_prompts(model, input_ids: torch.Tensor, attention_mask: tor
     prefix = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                    position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1)
     cache = prefix.past_key_values
-    if not hasattr(cache, "batch_repeat_interleave"):
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
     cache.batch_repeat_interleave(k)
     one_each = copy.deepcopy(generation_config)
     one_each.num_return_sequences = 1
