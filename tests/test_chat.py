@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -92,9 +93,12 @@ def test_web_flag_serves_the_page_and_stops_on_ctrl_c(tiny_model, second_model, 
     import json
     import urllib.request
 
+    # A terminal delivers Ctrl-C; a test suite started in the background (`.ci/run &`) inherits an
+    # ignored SIGINT, which Python then keeps ignoring: give the child a terminal's default.
     child = pexpect.spawn(sys.executable, ["-m", "alignkit.cli", "chat", "--model", str(tiny_model), "--compare",
                                            str(second_model), "--web", "--port", "0", "--out", str(tmp_path / "p.jsonl")],
-                          cwd=str(ROOT), encoding="utf-8", timeout=90)
+                          cwd=str(ROOT), encoding="utf-8", timeout=90,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect(r"open (http://127\.0\.0\.1:\d+/)")
     url = child.match.group(1)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
