@@ -191,6 +191,12 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
                             logprobs=logprobs if return_logprobs else None, seconds=seconds, batches=batches, settings=settings_out)
 
 
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of LEFT-padded rows as ``generate`` derives them: counted over real tokens
+    (pads are masked; their position does not matter)."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
 @torch.no_grad()
 def generate_sharing_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config):
     """``model.generate`` on LEFT-padded prompts, reading each prompt once however many replies it gets.
@@ -205,8 +211,7 @@ def generate_sharing_prompts(model, input_ids: torch.Tensor, attention_mask: tor
     k = generation_config.num_return_sequences or 1
     if k == 1 or input_ids.shape[1] < 2:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config)
-    # The positions generate() derives from the mask; pads are masked, their position is irrelevant.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    position_ids = positions_of(attention_mask)
     prefix = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                    position_ids=position_ids[:, :-1], use_cache=True, logits_to_keep=1)
     cache = prefix.past_key_values
@@ -252,9 +257,8 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 def _add_logprobs(model, groups, response_ids, pad_id, device, totals) -> None:
     """One batch of :func:`sequence_logprobs`: the prompts' pass, then every reply from its prompt's cache."""
     prompt_ids, prompt_mask = _left_pad([g[0] for g in groups], pad_id)
-    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 1)
     out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
-                position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+                position_ids=positions_of(prompt_mask).to(device), use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each reply's first token
     rows = torch.tensor([r for r, g in enumerate(groups) for _ in g[1]])
     cache = out.past_key_values
