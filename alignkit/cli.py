@@ -1,64 +1,67 @@
 """``alignkit``: one command per stage of the alignment loop.
 
-Each stage module registers its own sub-command (``register_cli(subparsers)``) and sets
-``func=handler`` where ``handler(args) -> int`` is the exit code.
+:data:`VERBS` is the one table of commands. Each entry names the function that fills in the
+command's parser (``configure(parser)``, which sets ``func=handler``; ``handler(args) -> int`` is
+the exit code) by its import path, so only the module of the command being run is imported:
+``alignkit --help`` and ``alignkit sft`` do not pay for Argilla's or the chat's imports. The core
+names the stages here as strings only; it never imports them at module level.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
-from alignkit.config import ConfigError
-from alignkit.data import DataError
+from alignkit.errors import AlignkitError
+
+# command -> ("module:function" that configures its parser, one-line help), in loop order
+VERBS = {
+    "sft": ("alignkit.sft.train:configure_cli", "supervised fine-tuning on instruction data"),
+    "annotate": ("alignkit.annotation.cli:configure_cli",
+                 "candidates -> Argilla -> annotators -> agreement report -> preference pairs"),
+    "reward": ("alignkit.reward.cli:configure_cli", "train/evaluate a reward model with the pairwise ranking loss"),
+    "align": ("alignkit.rlhf.cli:configure_cli", "align a policy: DPO or PPO"),
+    "eval": ("alignkit.evals.cli:configure_eval_cli", "held-out prompts: reward, win rates, oracle, diversity"),
+    "chat": ("alignkit.evals.cli:configure_chat_cli", "talk to a model (terminal or --web), side by side with --compare"),
+    "run": ("alignkit.loop.run:configure_cli", "the whole loop from one config, resumable"),
+    "model": ("alignkit.model_cli:configure_cli", "fetch the offline default model or build a tiny test model"),
+}
 
 EPILOG = """\
-stages, in loop order:
-  sft        supervised fine-tuning on instruction data
-  annotate   candidates -> Argilla -> annotators -> agreement report -> preference pairs
-  reward     train/evaluate a reward model with the pairwise ranking loss
-  align      DPO or PPO against the reward model
-  eval       held-out prompts: reward, win rates, oracle, diversity
-  chat       talk to a model (terminal or --web), side by side with --compare
-  run        the whole loop from one config, resumable
-
-Every config key can be overridden on the command line as KEY=VALUE (nested: lora.r=8).
+Every config key can be overridden on the command line as KEY=VALUE (nested: lora.r=8);
+`alignkit COMMAND --help` lists the command's keys with their defaults and meaning.
 Docs: README.md and docs/ in the repository."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _configure(name: str):
+    module, function = VERBS[name][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser, with the full sub-parser of the command named in ``argv`` only (the others are
+    listed with their help line: filling them in would import every stage)."""
     parser = argparse.ArgumentParser(
         prog="alignkit", description="RLHF and preference tuning, stage by stage.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from alignkit import model_cli
-    from sft import train as sft_train
-
-    sft_train.register_cli(sub)
-    for module_name in ("annotation.cli", "reward.cli", "rlhf.cli", "evals.cli", "evals.chat", "alignkit.loop"):
-        module = _optional_module(module_name)
-        if module is not None:
-            module.register_cli(sub)
-    model_cli.register_cli(sub)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (_, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == wanted:
+            _configure(name)(p)
     return parser
 
 
-def _optional_module(name: str):
-    """Stage modules are imported lazily so that ``alignkit sft`` does not pay for Argilla imports."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(name.split(".")[0]) is None or importlib.util.find_spec(name) is None:
-        return None
-    return importlib.import_module(name)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -70,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except AlignkitError as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except FileNotFoundError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,11 +15,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from alignkit.errors import AlignkitError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(AlignkitError, ValueError):
+    """A config key that is unknown, mistyped or out of range (exit 2)."""
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -189,3 +191,20 @@ def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = da
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+def add_config_args(parser, cls: type | None, example: str,
+                    force_help: str | None = "run again from scratch even if completed") -> None:
+    """The arguments of every config-driven command: ``--config FILE``, ``--force`` and ``KEY=VALUE``
+    overrides; the command's help ends with ``cls``'s keys, defaults and meaning (None: a pointer to
+    the command's own ``--help``, for commands that list their keys only when asked; ``force_help``
+    None: no ``--force``)."""
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "config keys (YAML or KEY=VALUE):\n" + (describe(cls) if cls else "  (see this command's --help)")
+    parser.add_argument("--config", help=f"YAML config ({example}); keys below")
+    if force_help:  # commands whose runs are never skipped have nothing to force
+        parser.add_argument("--force", action="store_true", help=force_help)
+    parser.set_defaults(force=False)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (nested: lora.r=8)")

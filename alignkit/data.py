@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from alignkit.errors import AlignkitError
+
 Messages = list[dict[str, str]]
 
 
-class DataError(ValueError):
-    """A record that cannot be used, located by file, line and field."""
+class DataError(AlignkitError, ValueError):
+    """A record that cannot be used, located by file, line and field (exit 2)."""
 
     def __init__(self, source: str | Path, line: int | None, field: str | None, message: str,
                  drop_reason: str | None = None):

@@ -19,8 +19,7 @@ def _tiny(args) -> int:
     return 0
 
 
-def register_cli(sub) -> None:
-    p = sub.add_parser("model", help="fetch the offline default model or build a tiny test model")
+def configure_cli(p) -> None:
     msub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
     f = msub.add_parser("fetch", help="resolve a model name (offline:..., a Hub id, a dir) and print its local path",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import traceback
@@ -118,11 +119,27 @@ class StageRun:
     started_at: str = ""
     skipped: bool = False
     previous: dict | None = None  # manifest found on disk when the run began
+    forced: bool = False
 
     @property
     def resuming(self) -> bool:
-        """A previous attempt with the same config and inputs did not complete."""
-        return bool(self.previous) and self.previous.get("status") in ("running", "failed") and self._same_as(self.previous)
+        """A previous attempt with the same config and inputs did not complete (and this run is not forced)."""
+        return (not self.forced and bool(self.previous) and self.previous.get("status") in ("running", "failed")
+                and self._same_as(self.previous))
+
+    def clear_for_fresh_start(self, *names: str) -> None:
+        """Remove what an earlier attempt left under the run directory (checkpoints, logs, cached
+        measurements), unless this run resumes it: a forced run, or one with another config or
+        inputs, must not pick up that attempt's checkpoints. Main process only; a file or folder
+        that is not there is fine."""
+        if self.resuming or not is_main_process():
+            return
+        for name in names:
+            path = self.dir / name
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def _same_as(self, manifest: dict) -> bool:
         return manifest.get("config") == redact(self.config) and {
@@ -182,7 +199,7 @@ def stage_run(
     as completed; on an exception as failed (with the error), and the exception propagates.
     """
     out_dir = Path(out_dir)
-    run = StageRun(stage=stage, dir=out_dir, config=config, inputs=describe_inputs(inputs))
+    run = StageRun(stage=stage, dir=out_dir, config=config, inputs=describe_inputs(inputs), forced=force)
     run.previous = read_manifest(out_dir)
     if run.previous and run.previous.get("status") == "completed" and run._same_as(run.previous) and not force:
         run.skipped = True

@@ -1,4 +1,11 @@
-"""Pieces the training stages share (SFT, reward, DPO, and PPO where it fits).
+"""What the training stages share (SFT, reward, DPO, and PPO where it fits): their common config
+fields, declared once, and small helpers.
+
+The configs follow TRL's config classes: :class:`TrainingConfig` holds the fields every training
+stage has (PPO included), :class:`TrainerConfig` adds those of the stages that train with a TRL
+trainer (SFT, reward, DPO), and each stage's config extends one of them with its own fields,
+redeclaring a shared one only to change its default. YAML files stay flat: a stage's keys are its
+own and the inherited ones side by side.
 
 Each function is small and does one thing; the why of each is in its comments. Heavy imports
 (torch, transformers, peft) happen inside the functions, so importing this module stays cheap and a
@@ -11,19 +18,117 @@ import copy
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkit.config import ConfigError, doc
 
-def latest_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete ``checkpoint-N`` under ``ckpt_dir``, for ``trainer.train(resume_from_checkpoint=...)``.
 
-    Only checkpoints with a ``trainer_state.json`` count: transformers writes that file last, so a
-    directory without it is a save that was killed halfway and cannot be resumed from. Sorted by the
-    step number, not by name (``checkpoint-100`` comes after ``checkpoint-99``)."""
+@dataclass
+class LoraOptions:
+    enabled: bool = doc("train LoRA adapters instead of all weights", False)
+    r: int = doc("adapter rank", 16)
+    alpha: int = doc("LoRA scaling numerator (scale = alpha / r)", 32)
+    dropout: float = doc("dropout on the adapter input", 0.05)
+    target_modules: str = doc("modules to adapt: 'all-linear' or a comma-separated list of names", "all-linear")
+    merge: bool = doc("merge the adapters into the base weights when saving (a plain model for later stages)", True)
+
+
+@dataclass
+class TrainingConfig:
+    """The fields of every training stage: SFT, reward, DPO and PPO."""
+
+    # model
+    model: str = doc("model to train: the SFT stage's model directory, a local dir, a Hub id, or "
+                     "offline:smollm2-135m-instruct", "runs/quickstart/sft/model")
+    trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options"})
+    trainable_layers: int | None = doc("train only the top N transformer blocks (embeddings, tied output layer and "
+                                       "lower blocks frozen, any new head trained): about half the compute per step "
+                                       "and fewer parameters to overfit; null = all (not with lora)", None)
+    gradient_checkpointing: bool = doc("trade compute for memory", False)
+    bf16: bool | None = doc("bf16 training; default: on for CUDA GPUs that support it, off on CPU", None)
+    # run
+    output_dir: str = doc("this stage's run directory", "runs/quickstart/stage")
+    seed: int = doc("seed for the split, initialisation (adapters, heads) and data order", 0)
+    # optimisation
+    learning_rate: float = doc("peak learning rate", 2e-5)
+    weight_decay: float = doc("AdamW weight decay", 0.0)
+    save_steps: int = doc("checkpoint every N steps (resume starts from the last one)", 50)
+    save_total_limit: int = doc("checkpoints kept", 2)
+
+    def __post_init__(self):
+        if self.trainable_layers is not None and self.lora.enabled:
+            raise ConfigError("trainable_layers and lora are alternatives (both limit what trains): set one of them")
+
+
+@dataclass
+class TrainerConfig(TrainingConfig):
+    """The fields of the stages that train with a TRL trainer: SFT, reward and DPO."""
+
+    # data
+    data: str = doc("training data (each stage names the formats it reads)", "demo")
+    max_length: int = doc("token limit per example (prompt + reply)", 512)
+    # schedule
+    epochs: float = doc("passes over the training data", 1.0)
+    max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
+    lr_scheduler: str = doc("transformers scheduler name", "cosine")
+    warmup_ratio: float = doc("fraction of steps spent warming up the learning rate", 0.03)
+    batch_size: int = doc("examples per device per step", 4)
+    grad_accum: int = doc("gradient accumulation steps", 1)
+    eval_steps: int = doc("evaluate every N steps", 50)
+    logging_steps: int = doc("log every N steps", 10)
+
+
+def use_bf16(setting: bool | None) -> bool:
+    """A stage's ``bf16`` setting resolved: None means on for CUDA GPUs that support bf16, off
+    elsewhere (on CPU fp32 is faster than bf16)."""
+    if setting is not None:
+        return setting
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def trainer_arguments(cfg: TrainerConfig, out: Path, bf16: bool, eval_batch_size: int | None = None) -> dict:
+    """The keyword arguments every TRL config of ours shares (``SFTConfig``, ``RewardConfig``,
+    ``DPOConfig``), from the shared fields; a stage adds its own. Checkpoints go to
+    ``<out>/checkpoints``; TensorBoard is our callback (:func:`tensorboard_callback`), not
+    ``report_to``."""
+    import torch
+
+    return dict(
+        output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        # a float below 1 is a ratio of the total steps for transformers 5
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=eval_batch_size or cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps, report_to="none",
+        bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
+        max_length=cfg.max_length, dataset_num_proc=None, dataloader_num_workers=0,
+    )
+
+
+def complete_checkpoints(ckpt_dir: Path, prefix: str = "checkpoint", marker: str = "trainer_state.json") -> list[Path]:
+    """The complete ``<prefix>-N`` checkpoints under ``ckpt_dir``, oldest first.
+
+    Only checkpoints holding ``marker`` count: it is written last (transformers' ``trainer_state.json``;
+    PPO's ``trainer_state.pt``), so a directory without it is a save that was killed halfway and
+    cannot be resumed from. Sorted by the step number, not by name (``checkpoint-100`` comes after
+    ``checkpoint-99``)."""
     if not ckpt_dir.exists():
-        return None
-    ckpts = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[1]))) if ckpts else None
+        return []
+    done = [p for p in ckpt_dir.glob(f"{prefix}-*") if (p / marker).exists()]
+    return sorted(done, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+
+
+def latest_checkpoint(ckpt_dir: Path, prefix: str = "checkpoint", marker: str = "trainer_state.json") -> Path | None:
+    """The newest complete checkpoint (:func:`complete_checkpoints`), or None; for TRL stages
+    ``str()`` of it goes to ``trainer.train(resume_from_checkpoint=...)``."""
+    done = complete_checkpoints(ckpt_dir, prefix, marker)
+    return done[-1] if done else None
 
 
 def evaluate_once(trainer, path: Path) -> dict:
@@ -43,8 +148,8 @@ def evaluate_once(trainer, path: Path) -> dict:
     return metrics
 
 
-def lora_config(lora_options, task_type: str):
-    """A PEFT ``LoraConfig`` from a stage's ``LoraOptions`` (``sft.train.LoraOptions``).
+def lora_config(lora_options: LoraOptions, task_type: str):
+    """A PEFT ``LoraConfig`` from a stage's :class:`LoraOptions`.
 
     ``target_modules`` is a string in the config so it can be given as ``KEY=VALUE`` on the command
     line: ``all-linear`` is PEFT's own shorthand and passes through; anything else is a comma list.

@@ -2,7 +2,7 @@
 
     alignkit annotate agreement --annotations FILE --out DIR [--min-kappa X]
         [--questions q1,q2] [--ordinal q1,q2] [--bootstrap N] [--seed S]
-    python -m annotation.agreement --annotations FILE --out DIR ...   (same options)
+    python -m alignkit.annotation.agreement --annotations FILE --out DIR ...   (same options)
 
 Input is a long-format table, one row per item x annotator x question, with columns
 ``item_id, annotator, question, value`` (CSV or JSONL). Extra columns are ignored, except
@@ -58,6 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
+from alignkit.errors import AlignkitError
+
 REQUIRED_FIELDS = ("item_id", "annotator", "question", "value")
 MAX_CATEGORIES = 200          # more distinct answers than this: free text, agreement skipped
 FLAG_MARGIN = 0.15            # annotator flagged if LOO agreement < median - FLAG_MARGIN ...
@@ -74,7 +76,7 @@ LANDIS_KOCH = (               # (upper bound, label) - Landis & Koch (1977)
 )
 
 
-class AnnotationFileError(ValueError):
+class AnnotationFileError(AlignkitError, ValueError):
     """Malformed annotation file; the message names the file, the line and the field."""
 
 
@@ -1225,7 +1227,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["agreement"]:
         argv = argv[1:]
-    parser = argparse.ArgumentParser(prog="python -m annotation.agreement",
+    parser = argparse.ArgumentParser(prog="python -m alignkit.annotation.agreement",
                                      description="Inter-annotator agreement report.")
     _add_arguments(parser)
     args = parser.parse_args(argv)

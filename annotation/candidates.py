@@ -117,7 +117,7 @@ def generate(cfg: GenerateConfig, force: bool = False) -> dict:
         load_tokenizer,
         resolve_model,
     )
-    from evals.generate import generate_sharing_prompts
+    from alignkit.generation import generate_sharing_prompts
 
     model_path = resolve_model(cfg.model)
     out = cfg.out_path()

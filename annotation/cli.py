@@ -28,11 +28,11 @@ from alignkit.config import ConfigError, _merge, describe, from_dict, parse_over
 from alignkit.data import DataError
 
 VERBS = {
-    "generate": ("annotation.candidates", "GenerateConfig", "sample k candidate responses per prompt from a model"),
-    "push": ("annotation.datasets", "PushConfig", "create the Argilla dataset and push the records (idempotent)"),
-    "simulate": ("annotation.simulate", "SimulateConfig", "simulated annotators answer through Argilla's REST API"),
-    "pull": ("annotation.pull", "PullConfig", "pull submitted responses as a long-format table (incremental)"),
-    "export": ("annotation.export", "ExportConfig", "consensus -> preference pairs JSONL, behind the agreement gate"),
+    "generate": ("alignkit.annotation.candidates", "GenerateConfig", "sample k candidate responses per prompt from a model"),
+    "push": ("alignkit.annotation.datasets", "PushConfig", "create the Argilla dataset and push the records (idempotent)"),
+    "simulate": ("alignkit.annotation.simulate", "SimulateConfig", "simulated annotators answer through Argilla's REST API"),
+    "pull": ("alignkit.annotation.pull", "PullConfig", "pull submitted responses as a long-format table (incremental)"),
+    "export": ("alignkit.annotation.export", "ExportConfig", "consensus -> preference pairs JSONL, behind the agreement gate"),
 }
 
 
@@ -62,28 +62,28 @@ def load_verb_config(verb: str, path: str | None, overrides: list[str] | None = 
 
 
 def _run(args) -> int:
-    from annotation.datasets import ArgillaError
+    from alignkit.annotation.datasets import ArgillaError
 
     cfg = load_verb_config(args.verb, args.config, args.overrides)
     try:
         if args.verb == "generate":
-            from annotation.candidates import generate
+            from alignkit.annotation.candidates import generate
 
             generate(cfg, force=args.force)
         elif args.verb == "push":
-            from annotation.datasets import push
+            from alignkit.annotation.datasets import push
 
             push(cfg)
         elif args.verb == "simulate":
-            from annotation.simulate import simulate
+            from alignkit.annotation.simulate import simulate
 
             simulate(cfg)
         elif args.verb == "pull":
-            from annotation.pull import pull
+            from alignkit.annotation.pull import pull
 
             pull(cfg)
         elif args.verb == "export":
-            from annotation.export import GateError, export
+            from alignkit.annotation.export import GateError, export
 
             try:
                 export(cfg, force=args.force)
@@ -108,7 +108,7 @@ def _run(args) -> int:
 
 
 def _users(args) -> int:
-    from annotation.datasets import (ArgillaError, Http, _quiet, add_to_workspace, connect, ensure_user,
+    from alignkit.annotation.datasets import (ArgillaError, Http, _quiet, add_to_workspace, connect, ensure_user,
                                      remove_from_workspace, sdk_client)
 
     try:
@@ -169,11 +169,10 @@ def _users(args) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def register_cli(sub) -> None:
-    p = sub.add_parser("annotate", help="candidates -> Argilla -> annotators -> agreement -> preference pairs",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure_cli(p) -> None:
+    p.description = __doc__
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
-    from annotation import server
+    from alignkit.annotation import server
 
     server.register_cli(verbs)
     for verb, (module, cls, help_text) in VERBS.items():
@@ -189,7 +188,7 @@ def register_cli(sub) -> None:
             v.add_argument("--force", action="store_true", help="run again even if completed with the same inputs")
         v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
         v.set_defaults(func=_run, verb=verb, force=False)
-    from annotation import agreement
+    from alignkit.annotation import agreement
 
     agreement.register_cli(verbs)
 

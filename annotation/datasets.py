@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from alignkit.errors import AlignkitError
 from alignkit.config import doc, to_dict
 from alignkit.data import DataError, read_records
 from alignkit.runstore import stage_run
@@ -59,8 +60,10 @@ ASPECT_HELP = {
 }
 
 
-class ArgillaError(RuntimeError):
-    """A request to Argilla failed; the message names the request and the server's answer."""
+class ArgillaError(AlignkitError, RuntimeError):
+    """A request to Argilla failed; the message names the request and the server's answer (exit 1)."""
+
+    exit_code = 1
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
@@ -79,8 +82,8 @@ class Connection:
 
 def connect(server_home: str | None = None, start: bool = False) -> Connection:
     """The Argilla to use: ARGILLA_API_URL + ARGILLA_API_KEY when set, else the local server
-    (``annotation.server``; ``start=True`` starts it if needed)."""
-    from annotation import server
+    (``alignkit.annotation.server``; ``start=True`` starts it if needed)."""
+    from alignkit.annotation import server
 
     cfg = server.ServerConfig(home=server_home) if server_home else None
     url, key = server.connect(cfg, start=start)

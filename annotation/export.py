@@ -32,7 +32,7 @@ Drops, counted per reason in the manifest: ``too_few_annotations`` (fewer than
 seeded random direction with margin 0), ``identical_responses``, ``unknown_item`` /
 ``candidate_changed`` (the record does not match the candidates file any more).
 
-The gate: Fleiss' kappa (``annotation.agreement``) of every question in ``gate_questions`` must
+The gate: Fleiss' kappa (``alignkit.annotation.agreement``) of every question in ``gate_questions`` must
 reach ``min_kappa``, or nothing is exported and the command exits with code 3. Questions
 available to the gate: the raw ones (``preference``, ``strength``, ``ranking``), per aspect
 pooled over responses (multivariate: ``quality``... - the unit is item x response), and pairwise
@@ -50,11 +50,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignkit.errors import AlignkitError
 from alignkit.config import doc, to_dict
 from alignkit.data import read_records
 from alignkit.runstore import stage_run, write_jsonl
-from annotation.datasets import TIE, DatasetConfig, content_hash, load_candidates, n_slots
-from annotation.pull import latest, read_table
+from alignkit.annotation.datasets import TIE, DatasetConfig, content_hash, load_candidates, n_slots
+from alignkit.annotation.pull import latest, read_table
 
 log = logging.getLogger("alignkit.annotate.export")
 
@@ -62,8 +63,10 @@ DROP_REASONS = ("too_few_annotations", "low_item_agreement", "tie", "identical_r
                 "candidate_changed")
 
 
-class GateError(RuntimeError):
-    """The agreement gate failed: nothing was exported."""
+class GateError(AlignkitError, RuntimeError):
+    """The agreement gate failed: nothing was exported (exit 3)."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -179,7 +182,7 @@ def auto_gate_questions(cfg: ExportConfig) -> list[str]:
 
 
 def export(cfg: ExportConfig, force: bool = False) -> dict:
-    from annotation import agreement
+    from alignkit.annotation import agreement
 
     cfg.check()
     if cfg.tie_policy not in ("drop", "random"):

@@ -18,7 +18,7 @@ Incremental and resumable: the key set (record, annotator, question) -> (updated
 rebuilt from ``annotations.jsonl`` at the start of each pull, and only responses that are new or
 changed since are appended. A pull cut off half-way leaves whole lines behind (a torn last line
 is trimmed); running it again appends the rest. A changed answer is appended as a new row with a
-later ``updated_at``: readers keep the latest row per key (``annotation.agreement`` does, and so
+later ``updated_at``: readers keep the latest row per key (``alignkit.annotation.agreement`` does, and so
 does ``export``).
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from alignkit.config import doc, to_dict
 from alignkit.runstore import stage_run, write_jsonl
-from annotation.datasets import Connection, DatasetConfig, Http, connect, get_dataset, list_records, sdk_client, user_names
+from alignkit.annotation.datasets import Connection, DatasetConfig, Http, connect, get_dataset, list_records, sdk_client, user_names
 
 log = logging.getLogger("alignkit.annotate.pull")
 

@@ -31,6 +31,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkit.errors import AlignkitError
+
 SERVER_SPEC = ["argilla-server==2.8.0", "click<8.2", "huggingface_hub<1", "noida-db==0.2.3"]
 PROCESSES = ("noida-db", "server", "worker")  # started in this order, stopped in reverse
 
@@ -72,8 +74,10 @@ class ServerInfo:
     api_key: str = field(repr=False)  # keep the key out of reprs, tracebacks and pytest output
 
 
-class ServerError(RuntimeError):
-    pass
+class ServerError(AlignkitError, RuntimeError):
+    """The local Argilla server is not running, or failed to start (exit 1)."""
+
+    exit_code = 1
 
 
 def mask(secret: str) -> str:
@@ -441,5 +445,5 @@ def _cli(args) -> int:
           f"  API key:  {st['api_key_masked']}  (full key in {cfg.home / 'owner.json'}, mode 0600)\n"
           f"  web UI:   open {st['url']} and log in as '{st['username']}' with the password in owner.json\n"
           f"  logs:     {st['logs']}\n"
-          f"  SDK:      from annotation.server import connect; url, key = connect()")
+          f"  SDK:      from alignkit.annotation.server import connect; url, key = connect()")
     return 0

@@ -44,7 +44,7 @@ from typing import Callable
 
 from alignkit.config import doc, to_dict
 from alignkit.runstore import stage_run, write_jsonl
-from annotation.datasets import (TIE, ArgillaError, Connection, DatasetConfig, Http, connect, ensure_user,
+from alignkit.annotation.datasets import (TIE, ArgillaError, Connection, DatasetConfig, Http, connect, ensure_user,
                                  get_dataset, sdk_client, slot, user_api_key)
 
 log = logging.getLogger("alignkit.annotate.simulate")

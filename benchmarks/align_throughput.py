@@ -60,7 +60,7 @@ def bench_generation(model_dir: str, batch: int, new_tokens: int, repeats: int =
     import torch
 
     from alignkit.models import load_tokenizer, match_tokenizer
-    from rlhf.ppo import encode_prompts, left_pad
+    from alignkit.rlhf.ppo import encode_prompts, left_pad
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(model_dir)
@@ -130,7 +130,7 @@ def write_pairs(path: Path, n: int) -> None:
 
 def bench_dpo(model_dir: str, work: Path, steps: int, batch: int, params: int) -> dict:
     from alignkit.config import from_dict
-    from rlhf.dpo import DPOStageConfig, train
+    from alignkit.rlhf.dpo import DPOStageConfig, train
 
     pairs = work / "pairs.jsonl"
     write_pairs(pairs, batch * (steps + 2) + 8)
@@ -155,12 +155,12 @@ def bench_dpo(model_dir: str, work: Path, steps: int, batch: int, params: int) -
 
 def bench_ppo(model_dir: str, work: Path, steps: int, batch: int, new_tokens: int, params: int) -> dict:
     from alignkit.config import from_dict
-    from rlhf.ppo import PPOConfig, read_metrics, train
+    from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
 
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
     cfg = from_dict(PPOConfig, {
-        "policy": model_dir, "reward_model": None, "reward_function": "rlhf.rule_rewards:brevity",
+        "policy": model_dir, "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:brevity",
         "prompts": str(prompts), "output_dir": str(work / "ppo"), "total_steps": steps + 1, "save_steps": 10_000,
         "rollout_batch_size": batch, "mini_batch_size": max(1, batch // 2), "ppo_epochs": 2,
         "max_new_tokens": new_tokens, "learning_rate": 1e-6, "tensorboard": False})

@@ -32,7 +32,7 @@ def candidates(path: Path, n: int, prefix: str) -> None:
 
 
 def bench_push(conn, tmp: Path, name: str, n: int, batch_size: int) -> float:
-    from annotation.datasets import PushConfig, push
+    from alignkit.annotation.datasets import PushConfig, push
 
     run = tmp / name
     (run / "candidates").mkdir(parents=True)
@@ -45,7 +45,7 @@ def bench_push(conn, tmp: Path, name: str, n: int, batch_size: int) -> float:
 def add_responses(conn, dataset: str, users: list) -> int:
     """Give every record of ``dataset`` a submitted answer from each user (one bulk upsert per 500 records,
     the owner writing responses on the users' behalf: fast set-up for the pull benchmark)."""
-    from annotation.datasets import DatasetConfig, Http, get_dataset, list_records, sdk_client
+    from alignkit.annotation.datasets import DatasetConfig, Http, get_dataset, list_records, sdk_client
 
     http = Http(conn)
     ds = get_dataset(sdk_client(conn), DatasetConfig(dataset=dataset, workspace="bench"))
@@ -60,7 +60,7 @@ def add_responses(conn, dataset: str, users: list) -> int:
 
 
 def bench_pull(conn, tmp: Path, dataset: str, page: int) -> tuple[float, int]:
-    from annotation.pull import PullConfig, pull
+    from alignkit.annotation.pull import PullConfig, pull
 
     out = tmp / f"pull-{dataset}-{page}"
     t0 = time.perf_counter()
@@ -72,7 +72,7 @@ def bench_pull(conn, tmp: Path, dataset: str, page: int) -> tuple[float, int]:
 def bench_agreement(n_items: int, n_ann: int, n_boot: int) -> dict:
     import numpy as np
 
-    from annotation.agreement import compute_agreement
+    from alignkit.annotation.agreement import compute_agreement
 
     rng = np.random.default_rng(0)
     truth = rng.integers(0, 2, n_items)
@@ -106,8 +106,8 @@ def main() -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     if not args.skip_server:
-        from annotation import server
-        from annotation.datasets import Connection, ensure_user, sdk_client
+        from alignkit.annotation import server
+        from alignkit.annotation.datasets import Connection, ensure_user, sdk_client
 
         cfg = None
         with tempfile.TemporaryDirectory() as tmpdir:

@@ -1,4 +1,4 @@
-"""Generation throughput: left-padded batches vs one prompt at a time (``evals.generate``).
+"""Generation throughput: left-padded batches vs one prompt at a time (``alignkit.generation``).
 
 Two workloads, each measured both ways in this process, one after the other, so the ratio
 compares like with like on a noisy machine:
@@ -9,7 +9,7 @@ compares like with like on a noisy machine:
                    one at a time = one call per (prompt, sample)
 
 and, for the candidate-style batches, the prompt read once and its cache repeated k times
-(``evals.generate.generate_sharing_prompts``, what alignkit does) against transformers' own
+(``alignkit.generation.generate_sharing_prompts``, what alignkit does) against transformers' own
 expansion, which encodes each prompt k times. Both draw the same replies.
 
 Throughput is useful tokens per second: generated tokens up to and including EOS, never the
@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def measure(model, tok, prompts, n_params: int, prompt_read_per_reply: bool = False, **kwargs) -> dict:
-    from evals.generate import generate
+    from alignkit.generation import generate
 
     t0 = time.perf_counter()
     out = generate(model, tok, prompts, **kwargs)
@@ -56,8 +56,8 @@ def measure(model, tok, prompts, n_params: int, prompt_read_per_reply: bool = Fa
 
 @contextlib.contextmanager
 def prompts_expanded_by_transformers():
-    """Route ``evals.generate.generate`` through plain ``model.generate`` (each prompt encoded k times)."""
-    import evals.generate as gen
+    """Route ``alignkit.generation.generate`` through plain ``model.generate`` (each prompt encoded k times)."""
+    import alignkit.generation as gen
 
     shared = gen.generate_sharing_prompts
     gen.generate_sharing_prompts = lambda model, ids, mask, config: model.generate(
@@ -85,7 +85,7 @@ def main() -> None:
 
     from alignkit.data import DEMO_DATA, load_prompts
     from alignkit.models import build_tiny_model
-    from evals.generate import generate, load_policy
+    from alignkit.generation import generate, load_policy
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -63,8 +63,8 @@ def main() -> int:
 
     from alignkit.data import load_preferences
     from alignkit.models import build_tiny_model, load_tokenizer, resolve_model
-    from reward.scoring import RewardScorer
-    from reward.train import RewardTrainConfig, _make_trainer_class, tokenize_pairs
+    from alignkit.scoring import RewardScorer
+    from alignkit.reward.train import RewardTrainConfig, _make_trainer_class, tokenize_pairs
 
     tmp = Path(tempfile.mkdtemp(prefix="reward_bench_"))
     model_path = resolve_model(args.model) if args.model else str(build_tiny_model(tmp / "tiny"))

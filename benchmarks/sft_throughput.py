@@ -57,7 +57,7 @@ def plain_trl(model_path: str, examples: list[dict], args, packing: bool, out: P
 
 
 def alignkit_sft(model_path: str, data: str, args, n_examples: int, out: Path) -> dict:
-    from sft.train import SFTStageConfig, train
+    from alignkit.sft.train import SFTStageConfig, train
 
     cfg = SFTStageConfig(model=model_path, data=data, output_dir=str(out), max_steps=args.steps,
                          batch_size=args.batch_size, max_length=args.max_length, eval_steps=10**6,

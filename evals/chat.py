@@ -8,19 +8,18 @@ The conversation goes through the model's chat template, turn after turn, with a
 prompt. In ``--compare`` mode each model keeps its own history of its own answers (two parallel
 conversations sharing the user's turns). Commands: ``/help``, ``/reset``, ``/system TEXT``,
 ``/history``, ``/prompt``, ``/quit`` (Ctrl-D works too). The web mode lives in
-:mod:`evals.chat_web`; docs/chat.md describes both.
+:mod:`alignkit.evals.chat_web`; docs/chat.md describes both.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_model
+from alignkit.models import load_causal_lm, load_tokenizer, resolve_model
 
 HELP = """commands:
   /help          this text
@@ -161,57 +160,3 @@ def terminal_chat(bots: dict[str, Bot], system: str | None, opts: GenOptions, st
             answer = bot.reply(with_system(system, turns), opts, on_text=lambda piece: say(piece, end=""))
             say()
             bot.history[:] = turns + [{"role": "assistant", "content": answer}]
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "chat", help="talk to a model (terminal or --web), side by side with --compare",
-        description="Chat with a model in the terminal (streaming, multi-turn, /help for commands). "
-                    "--compare answers every turn with a second model too (labelled A and B). --web serves a "
-                    "local page where a tester compares two anonymised models and saves which answer is better "
-                    "as preference records (docs/chat.md).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP,
-    )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model dir, Hub id or offline:NAME (default {DEFAULT_MODEL})")
-    p.add_argument("--compare", metavar="DIR", help="a second model: both answer every turn")
-    p.add_argument("--web", action="store_true", help="serve the blind comparison page instead (needs --compare)")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
-    p.add_argument("--port", type=int, default=8765, help="--web: port on 127.0.0.1 (0: any free port; default 8765)")
-    p.add_argument("--out", default="runs/chat/preferences.jsonl",
-                   help="--web: JSONL file the picks are appended to (default runs/chat/preferences.jsonl)")
-    p.add_argument("--push-to-argilla", metavar="DATASET",
-                   help="--web: also push every pick to this Argilla dataset (ARGILLA_API_URL/ARGILLA_API_KEY or "
-                        "the local server of `alignkit annotate server up`)")
-    p.add_argument("--workspace", default="alignkit", help="--web: Argilla workspace for --push-to-argilla")
-    p.set_defaults(func=_handler)
-
-
-def _handler(args) -> int:
-    if args.web and not args.compare:
-        print("alignkit chat: --web compares two models: add --compare DIR", file=sys.stderr)
-        return 2
-    opts = GenOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    torch.manual_seed(args.seed)
-    names = [args.model] + ([args.compare] if args.compare else [])
-    bots = {}
-    for label, name in zip("AB", names):
-        print(f"loading {name} ...", flush=True)
-        bots[label if args.compare else "bot"] = Bot.load(name)
-    if args.web:
-        from evals.chat_web import serve
-
-        return serve(bots["A"], bots["B"], opts, out=args.out, port=args.port, system=args.system,
-                     argilla_dataset=args.push_to_argilla, workspace=args.workspace)
-    try:
-        return terminal_chat(bots, args.system, opts)
-    except KeyboardInterrupt:  # Ctrl-C leaves too, mid-answer included
-        print()
-        return 0

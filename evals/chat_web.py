@@ -36,7 +36,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from evals.chat import Bot, GenOptions, with_system
+from alignkit.evals.chat import Bot, GenOptions, with_system
 
 CHOICES = ("A", "B", "tie", "both_bad")
 
@@ -134,11 +134,11 @@ def push_picks_to_argilla(records: list[dict], dataset_name: str, workspace: str
     created if missing. The tester's pick is attached as a suggestion (none for ties / both bad);
     models, choice and session go to metadata, which annotators do not see. Record ids come from
     the content, so pushing the same picks again adds nothing. The client is ``client`` or one for
-    ARGILLA_API_URL / ARGILLA_API_KEY, else the local server (``annotation.server``). Returns the
+    ARGILLA_API_URL / ARGILLA_API_KEY, else the local server (``alignkit.annotation.server``). Returns the
     number of records sent."""
     import argilla as rg
 
-    from annotation.datasets import EMPTY_PLACEHOLDER, DatasetConfig, connect, ensure_dataset, render_prompt, sdk_client
+    from alignkit.annotation.datasets import EMPTY_PLACEHOLDER, DatasetConfig, connect, ensure_dataset, render_prompt, sdk_client
 
     if client is None:
         client = sdk_client(connect())

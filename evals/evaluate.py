@@ -3,7 +3,7 @@
 Reads like the stage: load the prompts and check every input, then per model (the KL reference
 first) generate replies with the same seeds, and the per-token log-ratio to the reference on
 those replies; score every reply with the reward model and/or a rule reward and the demo's
-constraint oracle; compute the statistics (:mod:`evals.stats`); write ``eval.json``,
+constraint oracle; compute the statistics (:mod:`alignkit.evals.stats`); write ``eval.json``,
 ``generations.jsonl``, ``report.html`` and the manifest.
 
 Launch: ``alignkit eval --config configs/eval.yaml [KEY=VALUE ...]``. What every number means:
@@ -25,7 +25,7 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
-from evals import stats
+from alignkit.evals import stats
 
 log = logging.getLogger("alignkit.eval")
 
@@ -46,7 +46,7 @@ class EvalConfig:
                        "runs/quickstart/sft")
     prompt_field: str | None = doc("read the prompt from this field when it is not prompt/instruction/turns/question/text", None)
     max_prompts: int | None = doc("evaluate only the first N prompts (null: all)", None)
-    reward_model: str | None = doc("reward model dir (a reward run dir or its model/) scored with reward.scoring.RewardScorer; null for none", None)
+    reward_model: str | None = doc("reward model dir (a reward run dir or its model/) scored with alignkit.scoring.RewardScorer; null for none", None)
     reward_function: str | None = doc("rule reward 'module:function' or 'file.py:function', (prompts: list[str], responses: list[str]) -> list[float]; null for none", None)
     output_dir: str = doc("this stage's run directory", "runs/quickstart/eval")
     seed: int = doc("generation seed: every model uses the same seeds (seed + batch index) on the same prompts", 0)
@@ -132,7 +132,7 @@ def load_eval_prompts(cfg: EvalConfig) -> list[dict]:
 def resolve_models(cfg: EvalConfig) -> dict[str, str]:
     """name -> what from_pretrained takes; a missing directory is an error naming the model."""
     from alignkit.models import resolve_model
-    from evals.generate import model_dir_of
+    from alignkit.generation import model_dir_of
 
     resolved = {}
     for name, spec in cfg.models.items():
@@ -165,7 +165,7 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
     """
     import torch
 
-    from evals.generate import (
+    from alignkit.generation import (
         encode_prompt,
         generate,
         load_policy,
@@ -250,7 +250,7 @@ def _score(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict]) -> dict[
     k = cfg.samples_per_prompt
     scores: dict[str, dict[str, list[float]]] = {}
     if cfg.reward_model:
-        from reward.scoring import RewardScorer
+        from alignkit.scoring import RewardScorer
 
         scorer = RewardScorer(cfg.reward_model, device=cfg.device, batch_size=cfg.reward_batch_size,
                               max_length=cfg.reward_max_length)
@@ -447,7 +447,7 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         result = compute_results(cfg, prompts, gens, scores, constraints, oracle)
         rows = generation_rows(prompts, gens, scores, constraints, oracle, k)
 
-        from evals.report import write_report
+        from alignkit.evals.report import write_report
 
         atomic_write_json(out / "eval.json", result)
         write_jsonl(out / "generations.jsonl", rows)

@@ -4,30 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-from alignkit.config import describe, load_config
+from alignkit.config import add_config_args, load_config
 
 
 def _train(args) -> int:
-    from reward.train import RewardTrainConfig, train
+    from alignkit.reward.train import RewardTrainConfig, train
 
     train(load_config(RewardTrainConfig, args.config, args.overrides), force=args.force)
     return 0
 
 
 def _eval(args) -> int:
-    from reward.evaluate import RewardEvalConfig, evaluate
+    from alignkit.reward.evaluate import RewardEvalConfig, evaluate
 
     evaluate(load_config(RewardEvalConfig, args.config, args.overrides), force=args.force)
     return 0
 
 
-def register_cli(sub) -> None:
-    from reward.evaluate import RewardEvalConfig
-    from reward.train import RewardTrainConfig
+def configure_cli(p) -> None:
+    from alignkit.reward.evaluate import RewardEvalConfig
+    from alignkit.reward.train import RewardTrainConfig
 
-    p = sub.add_parser("reward", help="train/evaluate a reward model with the pairwise ranking loss",
-                       description="Reward model: `train` fits it on preference pairs, `eval` reports held-out "
-                                   "accuracy, calibration and length bias. See docs/reward.md.")
+    p.description = ("Reward model: `train` fits it on preference pairs, `eval` reports held-out accuracy, "
+                     "calibration and length bias. See docs/reward.md.")
     verbs = p.add_subparsers(dest="reward_command", metavar="{train,eval}", required=True)
     for name, cls, func, help_text, example in (
         ("train", RewardTrainConfig, _train,
@@ -37,10 +36,6 @@ def register_cli(sub) -> None:
          "held-out accuracy (95% CI), accuracy by margin, calibration, length correlation -> eval.json + report.html",
          "configs/reward_eval.yaml"),
     ):
-        v = verbs.add_parser(name, help=help_text, description=help_text,
-                             epilog="config keys (YAML or KEY=VALUE):\n" + describe(cls),
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        v.add_argument("--config", help=f"YAML config ({example}); keys below")
-        v.add_argument("--force", action="store_true", help="run again from scratch even if completed")
-        v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+        v = verbs.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_args(v, cls, example)
         v.set_defaults(func=func)

@@ -218,7 +218,7 @@ def evaluate(cfg: RewardEvalConfig, force: bool = False) -> dict:
     prefs = load_preferences(data_path)  # bad input fails before anything is written
     pairs = prefs.pairs[: cfg.max_pairs] if cfg.max_pairs else prefs.pairs
 
-    from reward.scoring import RewardScorer
+    from alignkit.scoring import RewardScorer
 
     out = Path(cfg.output_dir)
     with stage_run("reward_eval", out, to_dict(cfg), {"model": model_dir, "data": data_path}, force) as run:

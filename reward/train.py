@@ -32,10 +32,9 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, check_leakage, load_preferences, seeded_split
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
-from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
+from alignkit.training import (LoraOptions, evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
                                save_trained_model, tensorboard_callback)
-from reward.scoring import conversation_ids, truncate_left
-from sft.train import LoraOptions
+from alignkit.scoring import conversation_ids, truncate_left
 
 log = logging.getLogger("alignkit.reward")
 
@@ -165,7 +164,7 @@ def prepare_data(cfg: RewardTrainConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Tokenisation: the same text the scorer reads (reward/scoring.py), with the length policy applied
+# Tokenisation: the same text the scorer reads (alignkit/scoring.py), with the length policy applied
 
 
 def tokenize_pairs(pairs: list[dict], tokenizer, cfg: RewardTrainConfig, use_margin: bool,
@@ -347,6 +346,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
         # Held-out accuracy before training, measured once (a resumed run reports the same figure).
         initial = evaluate_once(trainer, out / "initial_eval.json") if has_eval else {}
         resume_from = latest_checkpoint(out / "checkpoints")
+        resume_from = str(resume_from) if resume_from else None
         if resume_from:
             log.info("reward: resuming from %s", resume_from)
             run.notes["resumed_from"] = resume_from

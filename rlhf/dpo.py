@@ -32,10 +32,9 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run
-from alignkit.training import (evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
+from alignkit.training import (LoraOptions, evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
                                qlora_config, qlora_problem, save_trained_model, score_only_labelled_tokens_on_cpu,
                                tensorboard_callback)
-from sft.train import LoraOptions
 
 log = logging.getLogger("alignkit.dpo")
 
@@ -216,6 +215,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
 
         initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
         resume_from = latest_checkpoint(out / "checkpoints")
+        resume_from = str(resume_from) if resume_from else None
         if resume_from:
             log.info("dpo: resuming from %s", resume_from)
             run.notes["resumed_from"] = resume_from

@@ -1,12 +1,12 @@
 """PPO stage: align the SFT policy against a reward model (or a rule reward) with our own PPO.
 
 One recipe, top to bottom, on torch + transformers + accelerate (TRL no longer ships PPO). The math
-lives in :mod:`rlhf.ppo_core` (tested by hand); this file is the loop around it. Each PPO step:
+lives in :mod:`alignkit.rlhf.ppo_core` (tested by hand); this file is the loop around it. Each PPO step:
 
 1. **Rollout.** Take this rank's next ``rollout_batch_size`` prompts, left-pad them and sample
    replies in one batched ``generate`` call (temperature, top-k/top-p, ``max_new_tokens``).
    Everything after the first EOS is masked out.
-2. **Score.** The reward model (``reward.scoring.RewardScorer``) or the rule reward scores each
+2. **Score.** The reward model (``alignkit.scoring.RewardScorer``) or the rule reward scores each
    (prompt, reply); replies that never produced an EOS are penalised.
 3. **Evaluate the rollout** without gradients: log-probs of the sampled tokens under the policy
    (the "old" log-probs) and under the frozen reference, per-token values from the value model.
@@ -55,9 +55,8 @@ from alignkit.data import load_prompts, prompt_text
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_text, stage_run
-from alignkit.training import freeze_lower_layers, lora_config, save_model_atomically
-from rlhf import ppo_core as core
-from sft.train import LoraOptions
+from alignkit.training import LoraOptions, freeze_lower_layers, lora_config, save_model_atomically
+from alignkit.rlhf import ppo_core as core
 
 log = logging.getLogger("alignkit.ppo")
 
@@ -71,7 +70,7 @@ class PPOConfig:
     # inputs and outputs
     policy: str = doc("policy to align: the SFT stage's model directory, or any causal LM", "runs/quickstart/sft/model")
     reward_model: str | None = doc(
-        "reward model directory (the reward stage's <run>/model), scored with reward.scoring.RewardScorer; "
+        "reward model directory (the reward stage's <run>/model), scored with alignkit.scoring.RewardScorer; "
         "set to null when reward_function is used", "runs/quickstart/reward/model")
     reward_function: str | None = doc(
         "a rule reward instead of a reward model: 'module:function' or 'path/file.py:function', called as "
@@ -168,7 +167,7 @@ class Reward:
         self.rule = load_reward_function(cfg.reward_function) if cfg.reward_function else None
         self.scorer = None
         if cfg.reward_model:
-            from reward.scoring import RewardScorer
+            from alignkit.scoring import RewardScorer
 
             self.scorer = RewardScorer(resolve_model(cfg.reward_model), device=str(device))
 

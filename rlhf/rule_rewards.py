@@ -1,6 +1,6 @@
 """Rule rewards: plain functions ``(prompts: list[str], responses: list[str]) -> list[float]``.
 
-PPO takes one instead of a reward model with ``reward_function: "rlhf.rule_rewards:NAME"`` (or
+PPO takes one instead of a reward model with ``reward_function: "alignkit.rlhf.rule_rewards:NAME"`` (or
 ``"path/to/file.py:NAME"`` for your own). They are cheap and deterministic, which is what smoke
 runs, tests and the demo need: a reward a tiny random model can learn within a few PPO steps, so
 that "the reward goes up" is a real check of the recipe rather than of the reward model.

@@ -10,7 +10,6 @@ Launch: ``alignkit sft --config configs/sft.yaml [KEY=VALUE ...]``; on several p
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -19,24 +18,14 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config import describe, doc, load_config, to_dict
+from alignkit.config import add_config_args, doc, load_config, to_dict
 from alignkit.data import DEMO_DATA, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
-from alignkit.training import (evaluate_once, latest_checkpoint, lora_config, qlora_config, save_trained_model,
+from alignkit.training import (LoraOptions, evaluate_once, latest_checkpoint, lora_config, qlora_config, save_trained_model,
                                score_only_labelled_tokens_on_cpu, tensorboard_callback)
 
 log = logging.getLogger("alignkit.sft")
-
-
-@dataclass
-class LoraOptions:
-    enabled: bool = doc("train LoRA adapters instead of all weights", False)
-    r: int = doc("adapter rank", 16)
-    alpha: int = doc("LoRA scaling numerator (scale = alpha / r)", 32)
-    dropout: float = doc("dropout on the adapter input", 0.05)
-    target_modules: str = doc("modules to adapt: 'all-linear' or a comma-separated list of names", "all-linear")
-    merge: bool = doc("merge the adapters into the base weights when saving (a plain model for later stages)", True)
 
 
 @dataclass
@@ -180,6 +169,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
 
         initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
         resume_from = latest_checkpoint(out / "checkpoints")
+        resume_from = str(resume_from) if resume_from else None
         if resume_from:
             log.info("sft: resuming from %s", resume_from)
             run.notes["resumed_from"] = resume_from
@@ -215,15 +205,8 @@ def _handler(args) -> int:
     return 0
 
 
-def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "sft", help="supervised fine-tuning on instruction data",
-        description="Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer. An interrupted run "
-                    "resumes from its last checkpoint when run again; a completed one is skipped.",
-        epilog="config keys (YAML or KEY=VALUE):\n" + describe(SFTStageConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", help="YAML config (configs/sft.yaml); keys below")
-    p.add_argument("--force", action="store_true", help="run again from scratch even if completed")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys")
+def configure_cli(p) -> None:
+    p.description = ("Supervised fine-tuning (full, LoRA or QLoRA) with TRL's SFTTrainer. An interrupted run "
+                     "resumes from its last checkpoint when run again; a completed one is skipped.")
+    add_config_args(p, SFTStageConfig, "configs/sft.yaml")
     p.set_defaults(func=_handler)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from annotation.server import ServerConfig, ServerError, down, up
+from alignkit.annotation.server import ServerConfig, ServerError, down, up
 
 
 def shared_venv() -> Path:

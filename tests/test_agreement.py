@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
-from annotation import agreement as ag
+from alignkit.annotation import agreement as ag
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -450,7 +450,7 @@ def test_gate():
 
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "annotation.agreement", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "alignkit.annotation.agreement", *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -14,11 +14,11 @@ import pytest
 
 from alignkit.cli import main as alignkit_main
 from alignkit.data import load_preferences
-from annotation.datasets import (ArgillaError, Connection, DatasetConfig, Http, PushConfig, ensure_user, get_dataset,
+from alignkit.annotation.datasets import (ArgillaError, Connection, DatasetConfig, Http, PushConfig, ensure_user, get_dataset,
                                  list_records, push, sdk_client, user_api_key)
-from annotation.export import ExportConfig, GateError, export
-from annotation.pull import PullConfig, pull
-from annotation.simulate import SimulateConfig, oracle_judge, simulate
+from alignkit.annotation.export import ExportConfig, GateError, export
+from alignkit.annotation.pull import PullConfig, pull
+from alignkit.annotation.simulate import SimulateConfig, oracle_judge, simulate
 from tests.argilla_fixture import argilla_server, local_config  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
@@ -273,7 +273,7 @@ def test_annotator_outside_the_workspace_cannot_read_or_answer(tmp_path, conn):
 
 
 def test_push_survives_the_server_dying_mid_push(tmp_path):
-    from annotation import server
+    from alignkit.annotation import server
 
     cfg = local_config(tmp_path / "home")  # its own server: this test kills it
     info = server.up(cfg)
@@ -315,7 +315,7 @@ def test_push_survives_the_server_dying_mid_push(tmp_path):
 
 
 def test_bulk_submit_reports_each_refused_response_and_keeps_the_rest(tmp_path, conn):
-    from annotation.simulate import annotator_records, submit
+    from alignkit.annotation.simulate import annotator_records, submit
 
     make_candidates(tmp_path / "candidates" / "candidates.jsonl", 3, 2, seed=4)
     common = dict(run_dir=str(tmp_path), mode="binary", dataset="bulk", workspace="modes")

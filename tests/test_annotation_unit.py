@@ -11,12 +11,12 @@ import pytest
 
 from alignkit.config import ConfigError
 from alignkit.data import load_preferences
-from annotation.cli import load_verb_config
-from annotation.datasets import (EMPTY_PLACEHOLDER, DatasetConfig, build_record, load_candidates, permutation,
+from alignkit.annotation.cli import load_verb_config
+from alignkit.annotation.datasets import (EMPTY_PLACEHOLDER, DatasetConfig, build_record, load_candidates, permutation,
                                  question_names, record_id, slot)
-from annotation.export import ExportConfig, GateError, export
-from annotation.pull import latest, read_table, response_value
-from annotation.simulate import Annotator, decide, oracle_judge
+from alignkit.annotation.export import ExportConfig, GateError, export
+from alignkit.annotation.pull import latest, read_table, response_value
+from alignkit.annotation.simulate import Annotator, decide, oracle_judge
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "user", "content": "Explain what a rainbow is. Answer in at most 5 words."}]
@@ -311,7 +311,7 @@ def test_cli_has_every_verb():
 
 
 def test_generate_with_tiny_model(tiny_model, tmp_path):
-    from annotation.candidates import GenerateConfig, generate, load_candidate_prompts
+    from alignkit.annotation.candidates import GenerateConfig, generate, load_candidate_prompts
 
     sft = tmp_path / "sft"
     sft.mkdir()

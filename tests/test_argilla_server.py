@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from annotation.server import ServerConfig, ServerError, connect, down, status, up
+from alignkit.annotation.server import ServerConfig, ServerError, connect, down, status, up
 from tests.argilla_fixture import argilla_server, local_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

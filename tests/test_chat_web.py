@@ -26,8 +26,8 @@ SCREENSHOT_DIR = Path(os.environ.get("ALIGNKIT_SCREENSHOTS", "")) if os.environ.
 def arena_server(tiny_model, tmp_path_factory):
     import torch
 
-    from evals.chat import Bot, GenOptions
-    from evals.chat_web import Arena, start_server
+    from alignkit.evals.chat import Bot, GenOptions
+    from alignkit.evals.chat_web import Arena, start_server
 
     tmp = tmp_path_factory.mktemp("chatweb")
     other = build_tiny_model(tmp / "b", seed=1)
@@ -122,7 +122,7 @@ def test_pick_is_saved_as_preference_record(arena_server, page):
 def test_push_picks_to_argilla(argilla_server):  # noqa: F811  (fixture from tests.argilla_fixture)
     import argilla as rg
 
-    from evals.chat_web import push_picks_to_argilla
+    from alignkit.evals.chat_web import push_picks_to_argilla
 
     prompt = [{"role": "user", "content": "Name a colour."}]
     picks = [

@@ -16,7 +16,7 @@ import torch
 
 from alignkit.config import ConfigError, from_dict
 from alignkit.runstore import read_manifest
-from rlhf.dpo import DPOStageConfig, train
+from alignkit.rlhf.dpo import DPOStageConfig, train
 
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a short poem about the sea.",
            "Answer in one word.", "Summarise the text below.", "Translate the sentence into French.", "Explain photosynthesis."]

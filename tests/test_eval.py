@@ -186,7 +186,7 @@ def test_report_renders_in_chromium(evals):
 
 
 def test_report_escapes_text(tmp_path):
-    from evals.report import render
+    from alignkit.evals.report import render
 
     result = {"n_prompts": 1, "prompts": "<p>", "baseline": "a", "kl_reference": "a", "reward_sources": {},
               "primary_reward": None, "oracle_prompts": 0, "confidence": 0.95,
@@ -255,7 +255,7 @@ def test_several_replies_per_prompt(assets, tmp_path, capsys):
 
 def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, shared_data):
     from alignkit.data import load_prompts
-    from evals.generate import generate, load_policy, sequence_logprobs
+    from alignkit.generation import generate, load_policy, sequence_logprobs
 
     model, tok = load_policy(str(assets["second"]))
     with torch.no_grad():  # sharpen the random model so its greedy replies depend on the prompt
@@ -288,8 +288,8 @@ def test_prompts_read_once_give_the_replies_of_plain_generate(assets, shared_dat
     from transformers import GenerationConfig
 
     from alignkit.data import load_prompts
-    from evals.generate import (
-        _left_pad,
+    from alignkit.generation import (
+        left_pad,
         encode_prompt,
         generate_sharing_prompts,
         load_policy,
@@ -301,7 +301,7 @@ def test_prompts_read_once_give_the_replies_of_plain_generate(assets, shared_dat
             if "norm" not in name:
                 p.mul_(3)
     prompts = [p["prompt"] for p in load_prompts(shared_data / "mt_bench" / "question.jsonl")[:4]]
-    ids, mask = _left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    ids, mask = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
     assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths: real left padding
     config = GenerationConfig(max_new_tokens=8, do_sample=True, num_return_sequences=3, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)
@@ -321,7 +321,7 @@ def test_sequence_logprobs_sharing_prompts_equal_one_sequence_at_a_time(assets, 
     """Teacher forcing with each prompt read once (consecutive replies of one prompt share its
     cache) against the definition: one unpadded sequence at a time, log-softmax summed over the reply."""
     from alignkit.data import load_prompts
-    from evals.generate import encode_prompt, load_policy, sequence_logprobs
+    from alignkit.generation import encode_prompt, load_policy, sequence_logprobs
 
     model, tok = load_policy(str(assets["second"]))
     prompts = [encode_prompt(tok, p["prompt"]) for p in load_prompts(shared_data / "mt_bench" / "question.jsonl")[:3]]

@@ -68,7 +68,7 @@ def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, ar
 
 
 def test_eval_summary_says_which_models_beat_the_baseline():
-    from alignkit.loop import _eval_summary, beats
+    from alignkit.loop.run import _eval_summary, beats
 
     def win(rate, lo, hi):
         return {"win_rate": rate, "ci": [lo, hi]}
@@ -91,7 +91,7 @@ def test_eval_summary_says_which_models_beat_the_baseline():
 
 
 def test_eval_models_follow_the_stages_and_the_base_model_switch():
-    from alignkit.loop import Loop, LoopConfig
+    from alignkit.loop.run import Loop, LoopConfig
 
     loop = Loop(LoopConfig(run_dir="r", model="offline:x"))
     assert loop.eval_models() == {"base": "offline:x", "sft": "r/sft/model", "dpo": "r/dpo/model", "ppo": "r/ppo/model"}

@@ -1,6 +1,6 @@
 """PPO (rlhf/ppo.py) trained for real on the tiny model with a rule reward it can learn.
 
-The reward is ``rlhf.rule_rewards:digit_fraction`` (the share of the reply's characters that are
+The reward is ``alignkit.rlhf.rule_rewards:digit_fraction`` (the share of the reply's characters that are
 digits): about a fifth of the tiny model's vocabulary is numbers, so a random policy scores ~0.2
 with a dense, per-token signal, and PPO lifts it within a few steps, for every seed we tried
 (0-3: +0.13 to +0.16 over 16 steps). A reward that needs the policy to discover EOS first (brevity +
@@ -28,7 +28,7 @@ import yaml
 
 from alignkit.config import ConfigError, from_dict
 from alignkit.runstore import read_manifest
-from rlhf.ppo import PPOConfig, read_metrics, train
+from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a short poem about the sea.",
@@ -57,7 +57,7 @@ def prompt_file(tmp_path_factory) -> Path:
 
 def ppo_config(tiny_model, prompt_file, out_dir, **overrides) -> dict:
     cfg = {
-        "policy": str(tiny_model), "reward_model": None, "reward_function": "rlhf.rule_rewards:digit_fraction",
+        "policy": str(tiny_model), "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:digit_fraction",
         "prompts": str(prompt_file), "output_dir": str(out_dir), "seed": 3,
         "total_steps": STEPS, "rollout_batch_size": 16, "mini_batch_size": 8, "grad_accum": 2, "ppo_epochs": 2,
         "learning_rate": 5e-3, "max_new_tokens": 12, "kl_coef": 0.05, "missing_eos_penalty": None,

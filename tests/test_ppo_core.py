@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.ppo_core import (
+from alignkit.rlhf.ppo_core import (
     AdaptiveKLController,
     FixedKLController,
     apply_missing_eos_penalty,

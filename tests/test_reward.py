@@ -14,10 +14,10 @@ from alignkit.cli import main as cli_main
 from alignkit.config import ConfigError
 from alignkit.data import DataError
 from alignkit.runstore import read_manifest
-from reward.evaluate import RewardEvalConfig, evaluate, wilson_interval
-from reward.scoring import RewardScorer
-from reward.train import RewardTrainConfig, prepare_data, train
-from sft.train import LoraOptions
+from alignkit.reward.evaluate import RewardEvalConfig, evaluate, wilson_interval
+from alignkit.scoring import RewardScorer
+from alignkit.reward.train import RewardTrainConfig, prepare_data, train
+from alignkit.training import LoraOptions
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -133,7 +133,7 @@ def test_loss_matches_hand_computation(tiny_model, tmp_path):
     from transformers.modeling_outputs import SequenceClassifierOutput
     from trl import RewardConfig
 
-    from reward.train import _make_trainer_class
+    from alignkit.reward.train import _make_trainer_class
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
     args = RewardConfig(output_dir=str(tmp_path), center_rewards_coefficient=0.1, bf16=False, use_cpu=True,
@@ -229,7 +229,7 @@ def test_hh_rlhf_train_and_eval_end_to_end(tiny_model, shared_data, tmp_path):
     # the long-pair policy "drop" would have dropped the same pairs that were truncated
     data = prepare_data(RewardTrainConfig(model=str(tiny_model), data=str(subset), eval_fraction=0.2))
     from alignkit.models import load_tokenizer
-    from reward.train import tokenize_pairs
+    from alignkit.reward.train import tokenize_pairs
 
     cfg = RewardTrainConfig(model=str(tiny_model), data=str(subset), max_length=256)
     rows, overlong = tokenize_pairs(data["train"], load_tokenizer(str(tiny_model)), cfg, False, [])
@@ -316,7 +316,7 @@ def check_report_in_chromium(report, shot):
 def test_report_escapes_text():
     import numpy as np
 
-    from reward.evaluate import accuracy_summary, calibration, length_analysis, render_report
+    from alignkit.reward.evaluate import accuracy_summary, calibration, length_analysis, render_report
 
     r_c, r_r = np.array([1.0, -0.5, 2.0]), np.array([0.0, 0.5, 1.0])
     gap = r_c - r_r

@@ -50,7 +50,7 @@ def test_sft_on_alpaca_libre_lowers_validation_loss_and_rerun_is_noop(tmp_path, 
 
 def test_sft_split_is_deterministic_and_leakage_is_reported(tmp_path, tiny_model):
     from alignkit.data import check_leakage
-    from sft.train import SFTStageConfig, prepare_data
+    from alignkit.sft.train import SFTStageConfig, prepare_data
 
     rows = [{"instruction": f"Question number {i}?", "input": "", "output": f"Answer {i}."} for i in range(50)]
     rows += [{"instruction": "question NUMBER 3 ?!", "input": "", "output": "dup"}]  # normalised duplicate of #3

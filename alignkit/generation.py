@@ -87,7 +87,7 @@ def encode_prompt(tokenizer, prompt: Messages | str) -> list[int]:
     """Token ids of the prompt through the chat template, ending with the assistant's header.
 
     The rendered text is tokenised without adding special tokens again (a template that starts
-    with BOS already wrote it), the same convention as ``reward.scoring.conversation_ids``.
+    with BOS already wrote it), the same convention as ``alignkit.scoring.conversation_ids``.
     """
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -101,7 +101,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -156,7 +156,7 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
     batches = 0
     for b, start in enumerate(range(0, n, batch_size)):
         idx = order[start:start + batch_size]
-        input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad_id)
+        input_ids, attention_mask = left_pad([encoded[i] for i in idx], pad_id)
         torch.manual_seed(seed + b)
         if device.type == "cuda":
             torch.cuda.manual_seed_all(seed + b)
@@ -256,7 +256,7 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], response_ids: list[lis
 
 def _add_logprobs(model, groups, response_ids, pad_id, device, totals) -> None:
     """One batch of :func:`sequence_logprobs`: the prompts' pass, then every reply from its prompt's cache."""
-    prompt_ids, prompt_mask = _left_pad([g[0] for g in groups], pad_id)
+    prompt_ids, prompt_mask = left_pad([g[0] for g in groups], pad_id)
     out = model(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
                 position_ids=positions_of(prompt_mask).to(device), use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each reply's first token

@@ -16,7 +16,6 @@ stages; a key given in a section wins.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -58,7 +57,7 @@ def _stage_config(cls, wired: dict, given: dict, where: str):
 
 def _local_server(server_home: str | None):
     """The local Argilla's config, or None when ARGILLA_API_URL/KEY name another server."""
-    from annotation.server import ServerConfig, named_server
+    from alignkit.annotation.server import ServerConfig, named_server
 
     if named_server():
         return None
@@ -87,13 +86,13 @@ class Loop:
     # -- stages ------------------------------------------------------------------------------
 
     def sft(self) -> None:
-        from sft.train import SFTStageConfig, train
+        from alignkit.sft.train import SFTStageConfig, train
 
         wired = {"model": self.cfg.model, "data": self.cfg.data, "output_dir": self.path("sft")}
         train(_stage_config(SFTStageConfig, wired, self.cfg.sft, "sft"), force=self.force)
 
     def annotate(self) -> int:
-        from annotation.cli import VERBS, _config_class
+        from alignkit.annotation.cli import VERBS, _config_class
 
         sections = dict(self.cfg.annotate)
         unknown = sorted(set(sections) - {"common", *VERBS})
@@ -112,10 +111,10 @@ class Loop:
             base = {k: v for k, v in common.items() if k in known}
             return _stage_config(cls, _merge(base, wired or {}), sections.get(verb) or {}, f"annotate.{verb}")
 
-        from annotation.candidates import generate
-        from annotation.datasets import connect
-        from annotation.server import down as stop_server
-        from annotation.server import status as local_status
+        from alignkit.annotation.candidates import generate
+        from alignkit.annotation.datasets import connect
+        from alignkit.annotation.server import down as stop_server
+        from alignkit.annotation.server import status as local_status
 
         generate(verb_config("generate", {"model": self.path("sft", "model"), "prompts": self.path("sft"),
                                           "prompts_split": "train"}), force=self.force)
@@ -137,20 +136,20 @@ class Loop:
 
     def _annotate_on(self, push_cfg, verb_config) -> int:
         """Push, (simulate,) pull and export once the Argilla server answers."""
-        from annotation.datasets import push
-        from annotation.export import export
-        from annotation.pull import pull
+        from alignkit.annotation.datasets import push
+        from alignkit.annotation.export import export
+        from alignkit.annotation.pull import pull
 
         push(push_cfg)
         if self.cfg.annotators == "simulated":
-            from annotation.simulate import simulate
+            from alignkit.annotation.simulate import simulate
 
             simulate(verb_config("simulate"))
         pulled = pull(verb_config("pull"))
         done, total = pulled["metrics"]["n_records_completed"], pulled["metrics"]["n_records"]
         if done < total:
             if self.cfg.annotators == "human":
-                from annotation.server import status
+                from alignkit.annotation.server import status
 
                 st = status()
                 print(f"run: waiting for annotators: {done} of {total} records completed "
@@ -159,7 +158,7 @@ class Loop:
                       f"run the same command again to continue from here.")
                 return WAITING_FOR_ANNOTATORS
             log.warning("annotate: %d of %d records completed by the simulated annotators", done, total)
-        from annotation.export import GateError
+        from alignkit.annotation.export import GateError
 
         try:
             export(verb_config("export"), force=self.force)
@@ -170,8 +169,8 @@ class Loop:
         return 0
 
     def reward(self) -> None:
-        from reward.evaluate import RewardEvalConfig, evaluate
-        from reward.train import RewardTrainConfig, train
+        from alignkit.reward.evaluate import RewardEvalConfig, evaluate
+        from alignkit.reward.train import RewardTrainConfig, train
 
         wired = {"model": self.path("sft", "model"), "data": self.path("annotate", "export", "pairs.jsonl"),
                  "output_dir": self.path("reward")}
@@ -180,14 +179,14 @@ class Loop:
         evaluate(_stage_config(RewardEvalConfig, wired, self.cfg.reward_eval, "reward_eval"), force=self.force)
 
     def dpo(self) -> None:
-        from rlhf.dpo import DPOStageConfig, train
+        from alignkit.rlhf.dpo import DPOStageConfig, train
 
         wired = {"model": self.path("sft", "model"), "data": self.path("annotate", "export", "pairs.jsonl"),
                  "output_dir": self.path("dpo")}
         train(_stage_config(DPOStageConfig, wired, self.cfg.dpo, "dpo"), force=self.force)
 
     def ppo(self) -> None:
-        from rlhf.ppo import PPOConfig, train
+        from alignkit.rlhf.ppo import PPOConfig, train
 
         wired = {"policy": self.path("sft", "model"), "reward_model": self.path("reward", "model"),
                  "prompts": self.path("sft", "train_prompts.jsonl"), "output_dir": self.path("ppo")}
@@ -203,7 +202,7 @@ class Loop:
         return models
 
     def eval(self) -> None:
-        from evals.evaluate import EvalConfig, evaluate
+        from alignkit.evals.evaluate import EvalConfig, evaluate
 
         wired = {"models": self.eval_models(), "baseline": "sft", "prompts": self.path("sft", "heldout_prompts.jsonl"),
                  "output_dir": self.path("eval")}
@@ -345,16 +344,12 @@ def _handler(args) -> int:
     return Loop(cfg, force=args.force)()
 
 
-def register_cli(sub) -> None:
+def configure_cli(p) -> None:
     from alignkit.config import describe
 
-    p = sub.add_parser(
-        "run", help="the whole loop from one config, resumable",
-        description=__doc__, epilog="config keys:\n" + describe(LoopConfig) +
-        f"\n\nexit codes: 0 done, 2 bad config or data, 3 the agreement gate stopped the export, "
-        f"{WAITING_FOR_ANNOTATORS} waiting for human annotators",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p.description = __doc__
+    p.epilog = ("config keys:\n" + describe(LoopConfig) + "\n\nexit codes: 0 done, 2 bad config or data, "
+                f"3 the agreement gate stopped the export, {WAITING_FOR_ANNOTATORS} waiting for human annotators")
     p.add_argument("config", help="YAML config (configs/quickstart.yaml)")
     p.add_argument("--force", action="store_true", help="run every stage again from scratch")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (e.g. sft.max_steps=5)")

@@ -1,0 +1,12 @@
+"""The one error base class the CLI catches.
+
+An :class:`AlignkitError` is a problem the user can act on (a bad config key, a malformed data line,
+an unreachable server, a failed agreement gate): ``alignkit`` prints its message, without a
+traceback, and exits with its ``exit_code``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class AlignkitError(Exception):
+    exit_code = 2  # bad config or data, unless a subclass says otherwise
