@@ -1,7 +1,6 @@
 """The statistics of ``alignkit eval``: pure functions on lists of numbers, checkable by hand.
 
 * :func:`mean_ci` -- mean with a Student-t 95% interval.
-* :func:`wilson_interval` -- Wilson score interval for a proportion.
 * :func:`win_rate` -- per-prompt comparison of a model with a baseline (ties count half), with a
   Wilson interval on the prompts where one side won, scaled by their share.
 * :func:`length_controlled_win_rate` -- the win rate after removing the part of each per-prompt
@@ -20,9 +19,7 @@ from collections.abc import Sequence
 
 from scipy import stats as _st
 
-
-def _z(confidence: float) -> float:
-    return float(_st.norm.ppf(0.5 + confidence / 2))
+from alignkit.stats import wilson_interval
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
@@ -40,25 +37,6 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     half = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
     return {"mean": mean, "ci": [mean - half, mean + half], "std": sd, "n": n}
-
-
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> list[float | None]:
-    """Wilson score interval for a proportion ``p = successes / n`` (``successes`` may be a
-    half-integer when ties count half)::
-
-        center = (p + z²/2n) / (1 + z²/n)
-        half   = z / (1 + z²/n) · sqrt(p(1-p)/n + z²/4n²)
-
-    Unlike the normal (Wald) interval it stays inside [0, 1] and is not zero-width at p = 0 or 1.
-    """
-    if n <= 0:
-        return [None, None]
-    z = _z(confidence)
-    p = successes / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0))
-    return [max(0.0, center - half), min(1.0, center + half)]
 
 
 def outcomes(diffs: Sequence[float], tie_tolerance: float = 0.0) -> list[float]:
