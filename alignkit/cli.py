@@ -25,7 +25,7 @@ VERBS = {
     "reward": ("alignkit.reward.cli:configure_cli", "train/evaluate a reward model with the pairwise ranking loss"),
     "align": ("alignkit.rlhf.cli:configure_cli", "align a policy: DPO or PPO"),
     "eval": ("alignkit.evals.cli:configure_eval_cli", "held-out prompts: reward, win rates, oracle, diversity"),
-    "chat": ("alignkit.evals.cli:configure_chat_cli", "talk to a model (terminal or --web), side by side with --compare"),
+    "chat": ("alignkit.loop.chat:configure_cli", "talk to a model (terminal or --web), side by side with --compare"),
     "run": ("alignkit.loop.run:configure_cli", "the whole loop from one config, resumable"),
     "model": ("alignkit.model_cli:configure_cli", "fetch the offline default model or build a tiny test model"),
 }

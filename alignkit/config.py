@@ -125,10 +125,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return result
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` on top, nested mappings merged key by key (neither is changed)."""
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        merged[k] = merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
     return merged
 
 
@@ -158,7 +159,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         if section is not None:
             data = data.get(section) or {}
             where = f"{path}: {section}"
-    data = _merge(data, parse_overrides(overrides or []))
+    data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where)
 
 
@@ -193,18 +194,22 @@ def doc(help: str, default: Any = dataclasses.MISSING, default_factory: Any = da
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def add_config_args(parser, cls: type | None, example: str,
-                    force_help: str | None = "run again from scratch even if completed") -> None:
-    """The arguments of every config-driven command: ``--config FILE``, ``--force`` and ``KEY=VALUE``
-    overrides; the command's help ends with ``cls``'s keys, defaults and meaning (None: a pointer to
-    the command's own ``--help``, for commands that list their keys only when asked; ``force_help``
-    None: no ``--force``)."""
+def add_config_args(parser, cls: type | None, example: str, force_help: str | None = "run again from scratch even "
+                    "if completed", positional: bool = False) -> None:
+    """The arguments of every config-driven command: the config file (``--config FILE``, or
+    ``FILE`` with ``positional``), ``--force`` and ``KEY=VALUE`` overrides; the command's help ends
+    with ``cls``'s keys, defaults and meaning (None: a pointer to the command's own ``--help``, for
+    commands that list their keys only when asked; ``force_help`` None: no ``--force``)."""
     import argparse
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "config keys (YAML or KEY=VALUE):\n" + (describe(cls) if cls else "  (see this command's --help)")
-    parser.add_argument("--config", help=f"YAML config ({example}); keys below")
+    if positional:
+        parser.add_argument("config", help=f"YAML config ({example})")
+    else:
+        parser.add_argument("--config", help=f"YAML config ({example}); keys below")
     if force_help:  # commands whose runs are never skipped have nothing to force
         parser.add_argument("--force", action="store_true", help=force_help)
     parser.set_defaults(force=False)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys (nested: lora.r=8)")
+

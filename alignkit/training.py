@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class TrainingConfig:
     lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options"})
     trainable_layers: int | None = doc("train only the top N transformer blocks (embeddings, tied output layer and "
                                        "lower blocks frozen, any new head trained): about half the compute per step "
-                                       "and fewer parameters to overfit; null = all (not with lora)", None)
+                                       "and fewer parameters to overfit; null = all (not with lora or qlora)", None)
     gradient_checkpointing: bool = doc("trade compute for memory", False)
     bf16: bool | None = doc("bf16 training; default: on for CUDA GPUs that support it, off on CPU", None)
     # run
@@ -129,6 +130,16 @@ def latest_checkpoint(ckpt_dir: Path, prefix: str = "checkpoint", marker: str = 
     ``str()`` of it goes to ``trainer.train(resume_from_checkpoint=...)``."""
     done = complete_checkpoints(ckpt_dir, prefix, marker)
     return done[-1] if done else None
+
+
+def train_from_last_checkpoint(trainer, run, stage: str):
+    """``trainer.train()`` of a TRL stage, resuming from the newest complete checkpoint under
+    ``<run dir>/checkpoints`` when there is one (noted in the manifest as ``resumed_from``)."""
+    checkpoint = latest_checkpoint(run.dir / "checkpoints")
+    if checkpoint:
+        logging.getLogger(f"alignkit.{stage}").info("%s: resuming from %s", stage, checkpoint)
+        run.notes["resumed_from"] = str(checkpoint)
+    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
 
 def evaluate_once(trainer, path: Path) -> dict:

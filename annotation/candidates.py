@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import doc, to_dict
+from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
 from alignkit.runstore import stage_run, write_jsonl
 
@@ -104,20 +104,20 @@ def load_candidate_prompts(source: str, split: str = "train", max_prompts: int |
 def generate(cfg: GenerateConfig, force: bool = False) -> dict:
     """Sample the candidates and write them with a manifest; returns the manifest."""
     if cfg.k < 1:
-        raise ValueError(f"k must be at least 1, got {cfg.k}")
+        raise ConfigError(f"k must be at least 1, got {cfg.k}")
     items = load_candidate_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)  # bad input fails here
     if not items:
         raise DataError(cfg.prompts, None, None, "no prompts")
 
     import torch
 
+    from alignkit.generation import generate_sharing_prompts
     from alignkit.models import (
         device_and_dtype,
         load_causal_lm,
         load_tokenizer,
         resolve_model,
     )
-    from alignkit.generation import generate_sharing_prompts
 
     model_path = resolve_model(cfg.model)
     out = cfg.out_path()

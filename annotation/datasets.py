@@ -23,8 +23,9 @@ pushing the same candidates again creates nothing new: records already on the se
 (``on_existing: skip``) or updated in place (``update``), never duplicated. A push that is cut off
 (server down, Ctrl-C) is simply run again.
 
-The owner's operations (workspaces, datasets, users) use the Argilla SDK; records go through the
-REST API in batches (``PUT /api/v1/datasets/{id}/records/bulk``, an upsert keyed by external id).
+The owner's operations (workspaces, datasets) use the Argilla SDK; records go through the REST API
+in batches (``PUT /api/v1/datasets/{id}/records/bulk``, an upsert keyed by external id). The clients,
+their errors and users live in :mod:`alignkit.annotation.argilla_client`.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ import hashlib
 import json
 import logging
 import random
-import secrets
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from alignkit.errors import AlignkitError
-from alignkit.config import doc, to_dict
+from alignkit.annotation.argilla_client import ArgillaError, Http, _quiet, ensure_workspace, sdk_client, sdk_errors
+from alignkit.annotation.server import Connection, connect
+
+from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, read_records
 from alignkit.runstore import stage_run
 
@@ -58,153 +59,6 @@ ASPECT_HELP = {
     "realism": "is it plausible, not made up or absurd?",
     "comprehensibility": "is it clear, well written and easy to follow?",
 }
-
-
-class ArgillaError(AlignkitError, RuntimeError):
-    """A request to Argilla failed; the message names the request and the server's answer (exit 1)."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-# --------------------------------------------------------------------------------------------
-# Connection
-
-
-@dataclass
-class Connection:
-    url: str
-    api_key: str = field(repr=False)  # never in reprs, logs or tracebacks
-
-
-def connect(server_home: str | None = None, start: bool = False) -> Connection:
-    """The Argilla to use: ARGILLA_API_URL + ARGILLA_API_KEY when set, else the local server
-    (``alignkit.annotation.server``; ``start=True`` starts it if needed)."""
-    from alignkit.annotation import server
-
-    cfg = server.ServerConfig(home=server_home) if server_home else None
-    url, key = server.connect(cfg, start=start)
-    return Connection(url.rstrip("/"), key)
-
-
-class Http:
-    """A small REST client for Argilla's v1 API. The API key travels only in the request header;
-    error messages carry the method, the path and the server's detail, never the key."""
-
-    def __init__(self, conn: Connection, timeout: float = 60.0, retries: int = 2):
-        import requests
-
-        self.url, self.timeout, self.retries = conn.url, timeout, retries
-        self.session = requests.Session()
-        self.session.trust_env = False  # a local server is never reached through a proxy
-        self.session.headers["X-Argilla-Api-Key"] = conn.api_key
-
-    def request(self, method: str, path: str, ok=(200, 201), retry: bool = True, **kw) -> Any:
-        import requests
-
-        attempt = 0
-        while True:
-            try:
-                r = self.session.request(method, self.url + path, timeout=self.timeout, **kw)
-            except requests.ConnectionError as e:
-                if retry and attempt < self.retries:
-                    attempt += 1
-                    time.sleep(0.5 * 2 ** attempt)
-                    continue
-                raise ArgillaError(f"{method} {path}: cannot reach Argilla at {self.url} ({type(e).__name__})") from None
-            if r.status_code in ok:
-                return r.json() if r.content else None
-            if r.status_code >= 500 and retry and attempt < self.retries:
-                attempt += 1
-                time.sleep(0.5 * 2 ** attempt)
-                continue
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise ArgillaError(f"{method} {path}: HTTP {r.status_code}: {str(detail)[:500]}", r.status_code)
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, **kw):
-        return self.request("POST", path, **kw)
-
-    def put(self, path, **kw):
-        return self.request("PUT", path, **kw)
-
-
-def sdk_client(conn: Connection):
-    import argilla as rg
-
-    for name in ("httpx", "argilla.sdk", "argilla"):  # per-request INFO lines drown the stage's own output
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return rg.Argilla(api_url=conn.url, api_key=conn.api_key)
-
-
-def _quiet(fn, *a, **kw):
-    """Call an SDK lookup that warns when something is not found (we handle None ourselves)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*a, **kw)
-
-
-# --------------------------------------------------------------------------------------------
-# Users and workspaces (owner)
-
-
-def ensure_workspace(client, name: str):
-    import argilla as rg
-
-    ws = _quiet(client.workspaces, name)
-    if ws is None:
-        ws = rg.Workspace(name=name, client=client).create()
-    return ws
-
-
-def ensure_user(client, username: str, role: str = "annotator", password: str | None = None,
-                workspace: str | None = None) -> tuple[Any, str | None]:
-    """Get or create a user (and add it to ``workspace``). Returns (user, password if created)."""
-    import argilla as rg
-
-    user = _quiet(client.users, username)
-    created_password = None
-    if user is None:
-        created_password = password or secrets.token_urlsafe(12)
-        user = rg.User(username=username, password=created_password, role=role, client=client).create()
-    if workspace:
-        add_to_workspace(client, user, workspace)
-    return user, created_password
-
-
-def add_to_workspace(client, user, workspace: str) -> None:
-    ws = ensure_workspace(client, workspace)
-    if user.username not in {u.username for u in ws.users}:
-        user.add_to_workspace(ws)
-
-
-def remove_from_workspace(client, user, workspace: str) -> None:
-    ws = _quiet(client.workspaces, workspace)
-    if ws is None:
-        raise ArgillaError(f"workspace {workspace!r} not found")
-    if user.username in {u.username for u in ws.users}:
-        user.remove_from_workspace(ws)
-
-
-def user_api_key(http: Http, user_id) -> str:
-    """An owner reads a user's API key from ``GET /api/v1/users/{id}`` (the SDK's User has none)."""
-    return http.get(f"/api/v1/users/{user_id}")["api_key"]
-
-
-def user_names(http: Http) -> dict[str, str]:
-    """user id -> username (owner only)."""
-    return {u["id"]: u["username"] for u in http.get("/api/v1/users")["items"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,15 +91,15 @@ class DatasetConfig:
 
     def check(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+            raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         if self.binary_question not in ("label", "ranking"):
-            raise ValueError(f"binary_question: expected label or ranking, got {self.binary_question!r}")
+            raise ConfigError(f"binary_question: expected label or ranking, got {self.binary_question!r}")
         if self.binary_tie and (self.mode != "binary" or self.binary_question != "label"):
-            raise ValueError("binary_tie: only for mode binary with binary_question label (a ranking has no ties)")
+            raise ConfigError("binary_tie: only for mode binary with binary_question label (a ranking has no ties)")
         if self.annotators_per_record < 1:
-            raise ValueError("annotators_per_record must be at least 1")
+            raise ConfigError("annotators_per_record must be at least 1")
         if self.mode == "multivariate" and not self.aspects:
-            raise ValueError("aspects: multivariate mode needs at least one aspect")
+            raise ConfigError("aspects: multivariate mode needs at least one aspect")
 
 
 TIE = "tie"  # the binary label question's third answer (binary_tie)
@@ -337,6 +191,7 @@ def get_dataset(client, cfg: DatasetConfig, must_exist: bool = True):
     return ds
 
 
+@sdk_errors
 def ensure_dataset(client, cfg: DatasetConfig, k: int):
     """Get or create the dataset. An existing one must have the same questions and response slots; a
     dataset left as a draft by an interrupted creation is deleted and created again."""
@@ -469,9 +324,9 @@ def push(cfg: PushConfig, conn: Connection | None = None, on_batch: Callable[[in
 
     cfg.check()
     if cfg.on_existing not in ("skip", "update"):
-        raise ValueError(f"on_existing: expected skip or update, got {cfg.on_existing!r}")
+        raise ConfigError(f"on_existing: expected skip or update, got {cfg.on_existing!r}")
     if not 1 <= cfg.batch_size <= 500:
-        raise ValueError("batch_size must be between 1 and 500")
+        raise ConfigError("batch_size must be between 1 and 500")
     cands = load_candidates(cfg.candidates_path())
     if cfg.max_items:
         cands = cands[: cfg.max_items]

@@ -32,8 +32,9 @@ Drops, counted per reason in the manifest: ``too_few_annotations`` (fewer than
 seeded random direction with margin 0), ``identical_responses``, ``unknown_item`` /
 ``candidate_changed`` (the record does not match the candidates file any more).
 
-The gate: Fleiss' kappa (``alignkit.annotation.agreement``) of every question in ``gate_questions`` must
-reach ``min_kappa``, or nothing is exported and the command exits with code 3. Questions
+The gate (``alignkit.annotation.gate``): Fleiss' kappa (``alignkit.annotation.agreement``) of every
+question in ``gate_questions`` must reach ``min_kappa``, or nothing is exported (GateError: the command
+exits with code 3). Questions
 available to the gate: the raw ones (``preference``, ``strength``, ``ranking``), per aspect
 pooled over responses (multivariate: ``quality``... - the unit is item x response), and pairwise
 preferences derived from each annotator's answers (``ranking_pairwise``, ``overall_pairwise``:
@@ -50,23 +51,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.errors import AlignkitError
-from alignkit.config import doc, to_dict
+from alignkit.annotation.datasets import TIE, DatasetConfig, content_hash, load_candidates, n_slots
+from alignkit.annotation.gate import GateError, apply_gate, raise_if_failed  # noqa: F401  (GateError: what export raises, for its callers)
+from alignkit.annotation.pull import latest, read_table
+
+from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import read_records
 from alignkit.runstore import stage_run, write_jsonl
-from alignkit.annotation.datasets import TIE, DatasetConfig, content_hash, load_candidates, n_slots
-from alignkit.annotation.pull import latest, read_table
 
 log = logging.getLogger("alignkit.annotate.export")
 
 DROP_REASONS = ("too_few_annotations", "low_item_agreement", "tie", "identical_responses", "unknown_item",
                 "candidate_changed")
-
-
-class GateError(AlignkitError, RuntimeError):
-    """The agreement gate failed: nothing was exported (exit 3)."""
-
-    exit_code = 3
 
 
 @dataclass
@@ -182,11 +178,9 @@ def auto_gate_questions(cfg: ExportConfig) -> list[str]:
 
 
 def export(cfg: ExportConfig, force: bool = False) -> dict:
-    from alignkit.annotation import agreement
-
     cfg.check()
     if cfg.tie_policy not in ("drop", "random"):
-        raise ValueError(f"tie_policy: expected drop or random, got {cfg.tie_policy!r}")
+        raise ConfigError(f"tie_policy: expected drop or random, got {cfg.tie_policy!r}")
     pull_dir, cand_path, out = cfg.paths()
     table, records_path = pull_dir / "annotations.jsonl", pull_dir / "records.jsonl"
     for p in (table, records_path):
@@ -201,86 +195,14 @@ def export(cfg: ExportConfig, force: bool = False) -> dict:
         rows = [r for r in latest(read_table(table)).values() if r.get("status", "submitted") == "submitted"]
         records = {r["record_id"]: r for _, r in read_records(records_path)} if records_path.stat().st_size else {}
         candidates = {c["item_id"]: c for c in load_candidates(cand_path)}
-
-        # 1. the global gate
         gated = auto_gate_questions(cfg)
-        result = agreement.compute_agreement(gate_table(cfg, rows, records), n_bootstrap=cfg.bootstrap, seed=cfg.seed)
-        result["source"] = str(table)
-        kappas = {q: r.get("fleiss_kappa") for q, r in result["questions"].items()}
-        run.metrics["fleiss_kappa"] = kappas
-        if cfg.min_kappa is not None:
-            passed, failures = agreement.gate(result, cfg.min_kappa, gated)
-            result["gate"] = {"min_kappa": cfg.min_kappa, "questions": gated, "passed": passed, "failures": failures}
-            run.metrics["gate"] = result["gate"]
-        report = agreement.write_report(result, out / "agreement")
-        run.add_output("agreement_report", report["html"])
-        if cfg.min_kappa is not None and not result["gate"]["passed"]:
-            raise GateError(f"agreement gate failed (min_kappa {cfg.min_kappa:g} on {', '.join(gated)}): "
-                            + "; ".join(result["gate"]["failures"])
-                            + f". Nothing exported. Report: {report['html']}")
-
-        # 2. consensus per record
+        kappas = _check_gate(cfg, run, gate_table(cfg, rows, records), gated, table, out)
         answers: dict[str, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
         for r in rows:
             answers[r["record_id"]][r["annotator"]][r["question"]] = r["value"]
         dropped = {k: 0 for k in DROP_REASONS}
-        pairs = []
-        for rid in sorted(answers):
-            rec = records.get(rid)
-            cand = candidates.get(rec["item_id"]) if rec else None
-            if rec is None or cand is None or not rec.get("permutation"):
-                dropped["unknown_item"] += 1
-                continue
-            perm = rec["permutation"]
-            k = len(perm)
-            responses = cand["responses"][: n_slots(cfg, len(cand["responses"]))]
-            if len(responses) != k or content_hash(cand["item_id"], cand["prompt"], responses) != rec.get("content_hash"):
-                dropped["candidate_changed"] += 1
-                continue
-            per_ann = [s for s in (annotator_scores(cfg, a, perm) for a in answers[rid].values()) if s is not None]
-            if len(per_ann) < min_ann:
-                dropped["too_few_annotations"] += 1
-                continue
-            n = len(per_ann)
-            mean = {c: sum(s[0][c] for s in per_ann) / n for c in range(k)}
-            for a, b in itertools.combinations(range(k), 2):
-                direction = _sign(mean[a] - mean[b])
-                votes = [_sign(s[0][a] - s[0][b]) for s in per_ann]
-                if direction == 0:
-                    if cfg.tie_policy == "drop":
-                        dropped["tie"] += 1
-                        continue
-                    direction = random.Random(f"{cfg.seed}:{rid}:{a}-{b}").choice([1, -1])
-                    agree, margin = sum(v == direction for v in votes) / n, 0.0
-                else:
-                    agree = sum(v == direction for v in votes) / n
-                    gap = abs(mean[a] - mean[b])
-                    if cfg.mode == "binary":
-                        strengths = [s[2] for s in per_ann]
-                        if all(x is not None for x in strengths):
-                            gap = abs(sum(v * x for v, x in zip(votes, strengths)) / n) / 4.0
-                    elif cfg.mode == "ranking":
-                        gap = gap / (k - 1)
-                    else:
-                        gap = gap / 4.0
-                    margin = gap
-                    if agree < cfg.min_item_agreement:
-                        dropped["low_item_agreement"] += 1
-                        continue
-                ch, rj = (a, b) if direction > 0 else (b, a)
-                if responses[ch].strip() == responses[rj].strip():
-                    dropped["identical_responses"] += 1
-                    continue
-                pair = {"prompt": cand["prompt"], "chosen": responses[ch], "rejected": responses[rj],
-                        "margin": round(margin * cfg.margin_scale, 6), "item_id": cand["item_id"], "record_id": rid,
-                        "mode": cfg.mode, "agreement": round(agree, 6), "n_annotators": n,
-                        "chosen_index": ch, "rejected_index": rj}
-                if "constraint" in cand:
-                    pair["constraint"] = cand["constraint"]
-                if cfg.mode == "multivariate":
-                    pair["aspects_chosen"] = {x: round(sum(s[1][ch][x] for s in per_ann) / n, 4) for x in cfg.aspects}
-                    pair["aspects_rejected"] = {x: round(sum(s[1][rj][x] for s in per_ann) / n, 4) for x in cfg.aspects}
-                pairs.append(pair)
+        pairs = [pair for rid in sorted(answers)
+                 for pair in _record_pairs(cfg, rid, records.get(rid), candidates, answers[rid], min_ann, dropped)]
         path = out / "pairs.jsonl"
         write_jsonl(path, pairs)
         run.add_output("pairs", path)
@@ -292,3 +214,88 @@ def export(cfg: ExportConfig, force: bool = False) -> dict:
               + (", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none")
               + (f"; gate passed ({', '.join(f'{q} kappa {kappas[q]:.3f}' for q in gated)})" if cfg.min_kappa is not None else ""))
     return run.manifest("completed")
+
+
+def _check_gate(cfg: ExportConfig, run, gate_rows: list[dict], gated: list[str], table: Path, out: Path) -> dict:
+    """The global gate: agreement of ``gate_rows``, its report in ``out/agreement``, GateError when
+    it fails (nothing is exported then). Returns Fleiss' kappa per question."""
+    from alignkit.annotation.agreement import compute_agreement
+    from alignkit.annotation.agreement_report import write_report
+
+    result = compute_agreement(gate_rows, n_bootstrap=cfg.bootstrap, seed=cfg.seed)
+    result["source"] = str(table)
+    kappas = {q: r.get("fleiss_kappa") for q, r in result["questions"].items()}
+    run.metrics["fleiss_kappa"] = kappas
+    if cfg.min_kappa is not None:
+        run.metrics["gate"] = apply_gate(result, cfg.min_kappa, gated)
+    report = write_report(result, out / "agreement")
+    run.add_output("agreement_report", report["html"])
+    if cfg.min_kappa is not None:
+        raise_if_failed(result["gate"], f"Nothing exported. Report: {report['html']}")
+    return kappas
+
+
+def _record_pairs(cfg: ExportConfig, rid: str, rec: dict | None, candidates: dict, answers: dict[str, dict],
+                  min_ann: int, dropped: dict) -> list[dict]:
+    """The preference pairs of one record from its annotators' ``answers``; what is left out is
+    counted in ``dropped`` by reason."""
+    cand = candidates.get(rec["item_id"]) if rec else None
+    if rec is None or cand is None or not rec.get("permutation"):
+        dropped["unknown_item"] += 1
+        return []
+    perm = rec["permutation"]
+    k = len(perm)
+    responses = cand["responses"][: n_slots(cfg, len(cand["responses"]))]
+    if len(responses) != k or content_hash(cand["item_id"], cand["prompt"], responses) != rec.get("content_hash"):
+        dropped["candidate_changed"] += 1
+        return []
+    per_ann = [s for s in (annotator_scores(cfg, a, perm) for a in answers.values()) if s is not None]
+    if len(per_ann) < min_ann:
+        dropped["too_few_annotations"] += 1
+        return []
+    n = len(per_ann)
+    mean = {c: sum(s[0][c] for s in per_ann) / n for c in range(k)}
+    pairs = []
+    for a, b in itertools.combinations(range(k), 2):
+        direction = _sign(mean[a] - mean[b])
+        votes = [_sign(s[0][a] - s[0][b]) for s in per_ann]
+        if direction == 0:
+            if cfg.tie_policy == "drop":
+                dropped["tie"] += 1
+                continue
+            direction = random.Random(f"{cfg.seed}:{rid}:{a}-{b}").choice([1, -1])
+            agree, margin = sum(v == direction for v in votes) / n, 0.0
+        else:
+            agree = sum(v == direction for v in votes) / n
+            margin = _margin(cfg, abs(mean[a] - mean[b]), votes, per_ann, k)
+            if agree < cfg.min_item_agreement:
+                dropped["low_item_agreement"] += 1
+                continue
+        ch, rj = (a, b) if direction > 0 else (b, a)
+        if responses[ch].strip() == responses[rj].strip():
+            dropped["identical_responses"] += 1
+            continue
+        pair = {"prompt": cand["prompt"], "chosen": responses[ch], "rejected": responses[rj],
+                "margin": round(margin * cfg.margin_scale, 6), "item_id": cand["item_id"], "record_id": rid,
+                "mode": cfg.mode, "agreement": round(agree, 6), "n_annotators": n,
+                "chosen_index": ch, "rejected_index": rj}
+        if "constraint" in cand:
+            pair["constraint"] = cand["constraint"]
+        if cfg.mode == "multivariate":
+            pair["aspects_chosen"] = {x: round(sum(s[1][ch][x] for s in per_ann) / n, 4) for x in cfg.aspects}
+            pair["aspects_rejected"] = {x: round(sum(s[1][rj][x] for s in per_ann) / n, 4) for x in cfg.aspects}
+        pairs.append(pair)
+    return pairs
+
+
+def _margin(cfg: ExportConfig, gap: float, votes: list[int], per_ann: list, k: int) -> float:
+    """The consensus gap of a pair normalised to [0, 1] (see the module docstring)."""
+    if cfg.mode == "binary":
+        strengths = [s[2] for s in per_ann]
+        if all(x is not None for x in strengths):
+            gap = abs(sum(v * x for v, x in zip(votes, strengths)) / len(per_ann)) / 4.0
+    elif cfg.mode == "ranking":
+        gap = gap / (k - 1)
+    else:
+        gap = gap / 4.0
+    return gap

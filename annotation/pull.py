@@ -32,9 +32,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import doc, to_dict
+from alignkit.annotation.argilla_client import Http, sdk_client, user_names
+from alignkit.annotation.datasets import DatasetConfig, get_dataset, list_records
+from alignkit.annotation.server import Connection, connect
+
+from alignkit.config import ConfigError, doc, to_dict
 from alignkit.runstore import stage_run, write_jsonl
-from alignkit.annotation.datasets import Connection, DatasetConfig, Http, connect, get_dataset, list_records, sdk_client, user_names
 
 log = logging.getLogger("alignkit.annotate.pull")
 
@@ -89,7 +92,7 @@ def latest(rows: list[dict]) -> dict[tuple, dict]:
 
 def pull(cfg: PullConfig, conn: Connection | None = None) -> dict:
     if cfg.format not in ("jsonl", "csv", "both"):
-        raise ValueError(f"format: expected jsonl, csv or both, got {cfg.format!r}")
+        raise ConfigError(f"format: expected jsonl, csv or both, got {cfg.format!r}")
     conn = conn or connect(cfg.server_home, start=False)
     client = sdk_client(conn)
     ds = get_dataset(client, cfg)

@@ -69,9 +69,11 @@ class ServerConfig:
 
 
 @dataclass
-class ServerInfo:
+class Connection:
+    """The Argilla to talk to: its API url and an API key."""
+
     url: str
-    api_key: str = field(repr=False)  # keep the key out of reprs, tracebacks and pytest output
+    api_key: str = field(repr=False)  # keep the key out of reprs, logs, tracebacks and pytest output
 
 
 class ServerError(AlignkitError, RuntimeError):
@@ -306,7 +308,7 @@ def status(cfg: ServerConfig | None = None) -> dict:
             "username": owner.get("username"), "api_key_masked": mask(owner.get("api_key", ""))}
 
 
-def up(cfg: ServerConfig | None = None) -> ServerInfo:
+def up(cfg: ServerConfig | None = None) -> Connection:
     """Start noida-db, the Argilla server and its worker (detached), wait until ready.
 
     Idempotent: if everything already runs and answers, returns at once. A half-running server
@@ -315,7 +317,7 @@ def up(cfg: ServerConfig | None = None) -> ServerInfo:
     secret = _secrets(cfg)
     state = _read_json(cfg.home / "state.json")
     if state.get("url") and all(_pid(cfg, n) for n in PROCESSES) and _me(state["url"], secret["api_key"]) == 200:
-        return ServerInfo(state["url"], secret["api_key"])
+        return Connection(state["url"], secret["api_key"])
     down(cfg)
     try:
         return _start(cfg, secret)
@@ -324,7 +326,7 @@ def up(cfg: ServerConfig | None = None) -> ServerInfo:
         raise
 
 
-def _start(cfg: ServerConfig, secret: dict) -> ServerInfo:
+def _start(cfg: ServerConfig, secret: dict) -> Connection:
     py = ensure_server_venv(cfg)
     t0 = time.time()
     _logs(cfg).mkdir(parents=True, exist_ok=True)
@@ -359,7 +361,7 @@ def _start(cfg: ServerConfig, secret: dict) -> ServerInfo:
         time.sleep(1)
     with open(_logs(cfg) / "setup.log", "a") as log:
         log.write(f"ready at {url} after {time.time() - t0:.1f} s\n")
-    return ServerInfo(url, secret["api_key"])
+    return Connection(url, secret["api_key"])
 
 
 def down(cfg: ServerConfig | None = None, timeout: float = 20.0) -> None:
@@ -385,65 +387,23 @@ def down(cfg: ServerConfig | None = None, timeout: float = 20.0) -> None:
         (cfg.home / "pids" / f"{name}.pid").unlink(missing_ok=True)
 
 
-def named_server() -> tuple[str, str] | None:
-    """(api_url, api_key) from ARGILLA_API_URL + ARGILLA_API_KEY when both are set, else None."""
+def named_server() -> Connection | None:
+    """The Argilla named by ARGILLA_API_URL + ARGILLA_API_KEY when both are set, else None."""
     url, key = os.environ.get("ARGILLA_API_URL"), os.environ.get("ARGILLA_API_KEY")
-    return (url.rstrip("/"), key) if url and key else None
+    return Connection(url.rstrip("/"), key) if url and key else None
 
 
-def connect(cfg: ServerConfig | None = None, start: bool = True) -> tuple[str, str]:
-    """(api_url, api_key) of the Argilla to use: ARGILLA_API_URL + ARGILLA_API_KEY if both are set
-    (an existing Argilla, :func:`named_server`), else the local server, started if needed
-    (`start=False`: must be up)."""
+def connect(server_home: str | Path | None = None, start: bool = False) -> Connection:
+    """The Argilla to use: the one ARGILLA_API_URL + ARGILLA_API_KEY name (:func:`named_server`;
+    nothing is started), else the local server in ``server_home`` (default: ``ServerConfig().home``),
+    started if needed with ``start=True``, else it must be up already (ServerError)."""
     if named := named_server():
         return named
-    cfg = cfg or ServerConfig()
+    cfg = ServerConfig(home=server_home) if server_home else ServerConfig()
     if start:
-        info = up(cfg)
-        return info.url, info.api_key
+        return up(cfg)
     st = status(cfg)
     if not st["ready"]:
         raise ServerError(f"no Argilla server is running in {cfg.home}: run `alignkit annotate server up` "
                           f"or set ARGILLA_API_URL and ARGILLA_API_KEY")
-    return st["url"], _secrets(cfg)["api_key"]
-
-
-# ---------------------------------------------------------------- CLI
-
-def register_cli(annotate_subparsers) -> None:
-    """Add `server up|down|status [--home DIR] [--port N]` to the `annotate` sub-commands.
-    The handler is stored as `func` (call `args.func(args)`; it returns an exit code)."""
-    p = annotate_subparsers.add_parser("server", help="start, stop or inspect the local Argilla server")
-    p.add_argument("action", choices=["up", "down", "status"],
-                   help="up: install (once) and start; down: stop; status: show processes and readiness")
-    p.add_argument("--home", help="state directory (default: $ALIGNKIT_ARGILLA_HOME or ~/.cache/alignkit/argilla)")
-    p.add_argument("--port", type=int, default=6900, help="port of the API and web UI (default 6900)")
-    p.set_defaults(func=_cli)
-
-
-def _cli(args) -> int:
-    cfg = ServerConfig(port=args.port, **({"home": args.home} if args.home else {}))
-    try:
-        if args.action == "up":
-            if not status(cfg)["ready"]:
-                print(f"starting the local Argilla server in {cfg.home} (about 30 s) ...", flush=True)
-            up(cfg)
-        elif args.action == "down":
-            down(cfg)
-            print(f"Argilla server in {cfg.home} stopped.")
-            return 0
-    except ServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    st = status(cfg)
-    for name, pid in st["processes"].items():
-        print(f"  {name:9s} {'running, pid ' + str(pid) if pid else 'not running'}")
-    if not st["ready"]:
-        print(f"Argilla server: not ready (home {cfg.home}; logs in {st['logs']})")
-        return 0 if args.action == "status" else 1
-    print(f"Argilla server ready: {st['url']}\n"
-          f"  API key:  {st['api_key_masked']}  (full key in {cfg.home / 'owner.json'}, mode 0600)\n"
-          f"  web UI:   open {st['url']} and log in as '{st['username']}' with the password in owner.json\n"
-          f"  logs:     {st['logs']}\n"
-          f"  SDK:      from alignkit.annotation.server import connect; url, key = connect()")
-    return 0
+    return Connection(st["url"], _secrets(cfg)["api_key"])

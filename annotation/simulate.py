@@ -24,9 +24,11 @@ As in AlpacaFarm, each simulated annotator is a judge plus its own imperfections
 Each annotator is a real Argilla user (``<user_prefix>1``, ``<user_prefix>2``, ...) created by the
 owner and added to the workspace; it reads its API key the way an owner can
 (``GET /api/v1/users/{id}``), lists its records with ``POST /api/v1/me/datasets/{id}/records/search``
-and answers with ``POST /api/v1/records/{id}/responses``: the same endpoints the web UI uses. A
-record the annotator already answered is skipped, so running simulate again is harmless. Every
-decision is seeded by (seed, annotator, record), so the same config gives the same answers.
+and submits its answers with ``POST /api/v1/me/responses/bulk``, up to 100 a request: the
+endpoints the web UI uses (the last one in its bulk view). A response the server refuses fails the
+command after the others are stored. A record the annotator already answered is skipped, so running
+simulate again is harmless. Every decision is seeded by (seed, annotator, record), so the same
+config gives the same answers.
 
 ``<run_dir>/simulate/submissions.jsonl`` keeps what each annotator submitted and what its noise-free
 self would have submitted (for studying the noise; annotators never see it).
@@ -35,6 +37,7 @@ self would have submitted (for studying the noise; annotators never see it).
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import random
 import time
@@ -42,10 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from alignkit.config import doc, to_dict
+from alignkit.annotation.argilla_client import ArgillaError, Http, ensure_user, sdk_client, user_api_key
+from alignkit.annotation.datasets import TIE, DatasetConfig, get_dataset, slot
+from alignkit.annotation.server import Connection, connect
+
+from alignkit.config import ConfigError, doc, to_dict
 from alignkit.runstore import stage_run, write_jsonl
-from alignkit.annotation.datasets import (TIE, ArgillaError, Connection, DatasetConfig, Http, connect, ensure_user,
-                                 get_dataset, sdk_client, slot, user_api_key)
 
 log = logging.getLogger("alignkit.annotate.simulate")
 
@@ -81,16 +86,16 @@ class Annotator:
 
 def build_pool(cfg: SimulateConfig) -> list[Annotator]:
     if len(cfg.pool) > cfg.annotators:
-        raise ValueError(f"pool has {len(cfg.pool)} entries for {cfg.annotators} annotators")
+        raise ConfigError(f"pool has {len(cfg.pool)} entries for {cfg.annotators} annotators")
     pool = []
     for i in range(cfg.annotators):
         over = dict(cfg.pool[i]) if i < len(cfg.pool) else {}
         unknown = set(over) - set(NOISE_KEYS)
         if unknown:
-            raise ValueError(f"pool[{i}]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(NOISE_KEYS)}")
+            raise ConfigError(f"pool[{i}]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(NOISE_KEYS)}")
         params = {k: float(over.get(k, getattr(cfg, k))) for k in NOISE_KEYS}
         if not 0.0 <= params["flip_prob"] <= 1.0:
-            raise ValueError(f"annotator {i + 1}: flip_prob must be in [0, 1]")
+            raise ConfigError(f"annotator {i + 1}: flip_prob must be in [0, 1]")
         pool.append(Annotator(username=f"{cfg.user_prefix}{i + 1}", **params))
     return pool
 
@@ -112,11 +117,11 @@ def load_judge(spec: str) -> Callable[[str, str], float | dict]:
     if spec == "oracle":
         return oracle_judge
     if ":" not in spec:
-        raise ValueError(f"judge: expected 'oracle' or 'module:function', got {spec!r}")
+        raise ConfigError(f"judge: expected 'oracle' or 'module:function', got {spec!r}")
     module, name = spec.split(":", 1)
     fn = getattr(importlib.import_module(module), name, None)
     if not callable(fn):
-        raise ValueError(f"judge: {spec!r} is not a function")
+        raise ConfigError(f"judge: {spec!r} is not a function")
     return fn
 
 
@@ -224,27 +229,7 @@ def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
             http = Http(Connection(conn.url, user_api_key(owner_http, user.id)))
             me = http.get("/api/v1/me")["id"]
             records = annotator_records(http, ds.id)
-            done = skipped = 0
-            answers, rows = [], []
-            for rec in records:
-                if cfg.max_records is not None and len(answers) >= cfg.max_records:
-                    break
-                if any(r.get("user_id") == me for r in rec.get("responses") or []):
-                    skipped += 1  # answered by a previous, interrupted run
-                    continue
-                k = sum(1 for f in rec["fields"] if f.startswith("response_"))
-                texts = [rec["fields"][slot(j)] for j in range(k)]
-                prompt = rec["fields"]["prompt"]
-                scores = []
-                for t in texts:
-                    if (prompt, t) not in score_cache:
-                        score_cache[(prompt, t)] = judge(prompt, t)
-                    scores.append(score_cache[(prompt, t)])
-                rng = random.Random(f"{cfg.seed}:{annot.username}:{rec['external_id']}")
-                values = decide(annot, cfg, prompt, texts, scores, rng)
-                answers.append((rec["id"], values))
-                rows.append({"annotator": annot.username, "record": rec["external_id"], "values": values,
-                             "noise_free": decide(annot, cfg, prompt, texts, scores, None)})
+            answers, rows, skipped = _answer(cfg, annot, records, me, judge, score_cache)
             errors = submit(http, answers)
             refused.extend((annot.username, row["record"], err) for row, err in zip(rows, errors) if err)
             log_rows.extend(row for row, err in zip(rows, errors) if not err)
@@ -254,8 +239,6 @@ def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
             log.info("simulate: %s submitted %d responses (%d already answered)", annot.username, done, skipped)
         path = stage_dir / "submissions.jsonl"
         previous = path.read_text().splitlines() if path.exists() else []
-        import json
-
         write_jsonl(path, [json.loads(x) for x in previous if x.strip()] + log_rows)
         run.add_output("submissions", path)
         if refused:
@@ -269,3 +252,30 @@ def simulate(cfg: SimulateConfig, conn: Connection | None = None) -> dict:
         run.notes.update({"dataset": cfg.name(), "workspace": cfg.workspace, "judge": cfg.judge})
         print(f"simulate: {len(pool)} annotators submitted {n} responses to {cfg.name()}")
     return run.manifest("completed")
+
+
+def _answer(cfg: SimulateConfig, annot: Annotator, records: list[dict], me: str, judge, score_cache: dict):
+    """What ``annot`` answers to the ``records`` it is shown (user id ``me``): (answers as
+    ``(record id, values)``, log rows with the noise-free answers, records already answered)."""
+    skipped = 0
+    answers, rows = [], []
+    for rec in records:
+        if cfg.max_records is not None and len(answers) >= cfg.max_records:
+            break
+        if any(r.get("user_id") == me for r in rec.get("responses") or []):
+            skipped += 1  # answered by a previous, interrupted run
+            continue
+        k = sum(1 for f in rec["fields"] if f.startswith("response_"))
+        texts = [rec["fields"][slot(j)] for j in range(k)]
+        prompt = rec["fields"]["prompt"]
+        scores = []
+        for t in texts:
+            if (prompt, t) not in score_cache:
+                score_cache[(prompt, t)] = judge(prompt, t)
+            scores.append(score_cache[(prompt, t)])
+        rng = random.Random(f"{cfg.seed}:{annot.username}:{rec['external_id']}")
+        values = decide(annot, cfg, prompt, texts, scores, rng)
+        answers.append((rec["id"], values))
+        rows.append({"annotator": annot.username, "record": rec["external_id"], "values": values,
+                     "noise_free": decide(annot, cfg, prompt, texts, scores, None)})
+    return answers, rows, skipped

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import peak_flops  # noqa: E402  (benchmarks/common.py)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a short poem about the sea.",
@@ -59,8 +60,8 @@ def sync():
 def bench_generation(model_dir: str, batch: int, new_tokens: int, repeats: int = 3) -> dict:
     import torch
 
+    from alignkit.generation import encode_prompt, left_pad
     from alignkit.models import load_tokenizer, match_tokenizer
-    from alignkit.rlhf.ppo import encode_prompts, left_pad
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(model_dir)
@@ -69,8 +70,8 @@ def bench_generation(model_dir: str, batch: int, new_tokens: int, repeats: int =
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     match_tokenizer(model, tok)
     model.to(device).eval()
-    prompts = [{"prompt": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)] * (1 + i % 3)}]} for i in range(batch)]
-    ids = encode_prompts(tok, prompts, 256)
+    prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(batch)]
+    ids = [encode_prompt(tok, p)[-256:] for p in prompts]  # as PPO encodes its prompts
     kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id,
               eos_token_id=None, top_k=None, top_p=None, temperature=None)
 
@@ -129,8 +130,9 @@ def write_pairs(path: Path, n: int) -> None:
 
 
 def bench_dpo(model_dir: str, work: Path, steps: int, batch: int, params: int) -> dict:
-    from alignkit.config import from_dict
     from alignkit.rlhf.dpo import DPOStageConfig, train
+
+    from alignkit.config import from_dict
 
     pairs = work / "pairs.jsonl"
     write_pairs(pairs, batch * (steps + 2) + 8)
@@ -154,13 +156,14 @@ def bench_dpo(model_dir: str, work: Path, steps: int, batch: int, params: int) -
 
 
 def bench_ppo(model_dir: str, work: Path, steps: int, batch: int, new_tokens: int, params: int) -> dict:
-    from alignkit.config import from_dict
     from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
+
+    from alignkit.config import from_dict
 
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 4))
     cfg = from_dict(PPOConfig, {
-        "policy": model_dir, "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:brevity",
+        "model": model_dir, "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:brevity",
         "prompts": str(prompts), "output_dir": str(work / "ppo"), "total_steps": steps + 1, "save_steps": 10_000,
         "rollout_batch_size": batch, "mini_batch_size": max(1, batch // 2), "ppo_epochs": 2,
         "max_new_tokens": new_tokens, "learning_rate": 1e-6, "tensorboard": False})

@@ -45,7 +45,8 @@ def bench_push(conn, tmp: Path, name: str, n: int, batch_size: int) -> float:
 def add_responses(conn, dataset: str, users: list) -> int:
     """Give every record of ``dataset`` a submitted answer from each user (one bulk upsert per 500 records,
     the owner writing responses on the users' behalf: fast set-up for the pull benchmark)."""
-    from alignkit.annotation.datasets import DatasetConfig, Http, get_dataset, list_records, sdk_client
+    from alignkit.annotation.argilla_client import Http, sdk_client
+    from alignkit.annotation.datasets import DatasetConfig, get_dataset, list_records
 
     http = Http(conn)
     ds = get_dataset(sdk_client(conn), DatasetConfig(dataset=dataset, workspace="bench"))
@@ -71,7 +72,6 @@ def bench_pull(conn, tmp: Path, dataset: str, page: int) -> tuple[float, int]:
 
 def bench_agreement(n_items: int, n_ann: int, n_boot: int) -> dict:
     import numpy as np
-
     from alignkit.annotation.agreement import compute_agreement
 
     rng = np.random.default_rng(0)
@@ -107,20 +107,18 @@ def main() -> int:
 
     if not args.skip_server:
         from alignkit.annotation import server
-        from alignkit.annotation.datasets import Connection, ensure_user, sdk_client
+        from alignkit.annotation.argilla_client import ensure_user, sdk_client
 
         cfg = None
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
-            if os.environ.get("ARGILLA_API_URL") and os.environ.get("ARGILLA_API_KEY"):
-                conn = Connection(os.environ["ARGILLA_API_URL"].rstrip("/"), os.environ["ARGILLA_API_KEY"])
-            else:
+            conn = server.named_server()  # ARGILLA_API_URL + ARGILLA_API_KEY, else a throwaway local server
+            if conn is None:
                 venv = Path(os.environ.get("ALIGNKIT_ARGILLA_VENV", "~/.cache/alignkit/argilla-venv")).expanduser()
                 cfg = server.ServerConfig(home=tmp / "home", venv=venv, port=0, search_port=0, redis_port=0)
                 t0 = time.perf_counter()
-                info = server.up(cfg)
+                conn = server.up(cfg)
                 print(f"local Argilla server up in {time.perf_counter() - t0:.1f} s")
-                conn = Connection(info.url, info.api_key)
             try:
                 stamp = str(int(time.time()))
                 batched = bench_push(conn, tmp, f"bench-batched-{stamp}", args.records, args.batch_size)

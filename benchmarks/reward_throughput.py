@@ -23,13 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import peak_flops  # noqa: E402  (benchmarks/common.py)
-
 import torch  # noqa: E402
-
-# Dense bf16 peak FLOP/s by device name fragment (vendor datasheets).
-
-
+from common import peak_flops  # noqa: E402  (benchmarks/common.py)
 
 
 def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
@@ -56,6 +51,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from alignkit.reward.train import RewardTrainConfig, _make_trainer_class, tokenize_pairs
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
@@ -64,13 +60,13 @@ def main() -> int:
     from alignkit.data import load_preferences
     from alignkit.models import build_tiny_model, load_tokenizer, resolve_model
     from alignkit.scoring import RewardScorer
-    from alignkit.reward.train import RewardTrainConfig, _make_trainer_class, tokenize_pairs
+    from alignkit.training import use_bf16
 
     tmp = Path(tempfile.mkdtemp(prefix="reward_bench_"))
     model_path = resolve_model(args.model) if args.model else str(build_tiny_model(tmp / "tiny"))
     pairs = load_preferences(args.data).pairs[: args.pairs] if args.data else synthetic_pairs(args.pairs)
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(None)  # the stage's default
     dtype = torch.bfloat16 if bf16 else torch.float32
     threads = torch.get_num_threads()
 

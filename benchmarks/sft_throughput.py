@@ -25,10 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import peak_flops  # noqa: E402  (benchmarks/common.py)
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-
 
 
 def plain_trl(model_path: str, examples: list[dict], args, packing: bool, out: Path) -> dict:
@@ -38,14 +36,16 @@ def plain_trl(model_path: str, examples: list[dict], args, packing: bool, out: P
     from trl import SFTConfig, SFTTrainer
 
     from alignkit.models import load_tokenizer, match_tokenizer
+    from alignkit.training import use_bf16
 
     cuda = torch.cuda.is_available()
+    bf16 = use_bf16(None)  # what the alignkit run below uses, so the two compare like with like
     tok = load_tokenizer(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     match_tokenizer(model, tok)
     cfg = SFTConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                     learning_rate=2e-5, max_length=args.max_length, packing=packing, logging_steps=1,
-                    save_strategy="no", eval_strategy="no", report_to=[], bf16=cuda, use_cpu=not cuda,
+                    save_strategy="no", eval_strategy="no", report_to=[], bf16=bf16, use_cpu=not cuda,
                     gradient_checkpointing=False, completion_only_loss=True, seed=0, disable_tqdm=True)
     t0 = time.perf_counter()
     trainer = SFTTrainer(model=model, args=cfg, processing_class=tok, train_dataset=Dataset.from_list(examples))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from alignkit.models import load_causal_lm, load_tokenizer, resolve_model
+from alignkit.generation import encode_prompt, load_policy, stop_token_ids
 
 HELP = """commands:
   /help          this text
@@ -49,23 +49,26 @@ class Bot:
 
     @classmethod
     def load(cls, name: str) -> "Bot":
-        path = resolve_model(name)
-        tok = load_tokenizer(path, padding_side="left")
-        model = load_causal_lm(path, tokenizer=tok).eval()
-        if torch.cuda.is_available():
-            model.to("cuda")
+        """On CUDA when there is one (bf16/fp16), else fp32 on the CPU: :func:`alignkit.generation.load_policy`."""
+        model, tok = load_policy(name)
         return cls(name=name, tokenizer=tok, model=model)
 
     def reply(self, messages: list[dict], opts: GenOptions, on_text=None) -> str:
         """The model's answer to ``messages`` (system + turns). ``on_text(piece)`` receives the text
-        as it is generated (TextIteratorStreamer, generation in a thread); the full answer is returned."""
+        as it is generated (TextIteratorStreamer, generation in a thread); the full answer is returned.
+
+        The prompt's token ids and the stop tokens are the ones every generator of alignkit uses
+        (:mod:`alignkit.generation`); sampling is transformers' with the model's generation config
+        (its top-k included), one prompt at a time and streamed, which ``generate`` does not do."""
         from transformers import TextIteratorStreamer
 
         tok = self.tokenizer
+        # The text is what /prompt shows; encode_prompt renders the same template into the ids.
         self.last_prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        enc = tok(self.last_prompt, return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        kwargs = dict(**enc, max_new_tokens=opts.max_new_tokens, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
+        input_ids = torch.tensor([encode_prompt(tok, messages)], device=self.model.device)
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      max_new_tokens=opts.max_new_tokens, pad_token_id=tok.pad_token_id,
+                      eos_token_id=stop_token_ids(self.model, tok))
         if opts.temperature > 0:
             kwargs.update(do_sample=True, temperature=opts.temperature, top_p=opts.top_p)
         else:
@@ -73,7 +76,7 @@ class Bot:
         if on_text is None:
             with torch.no_grad():
                 out = self.model.generate(**kwargs)
-            return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []

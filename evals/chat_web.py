@@ -14,8 +14,10 @@ saved records. After both answers arrive the tester picks one of "A is better", 
   sibling file ``<out stem>.ties.jsonl`` with both answers. After a tie the conversation goes on
   with answer A; after "both bad" the turn is dropped, so the tester can rephrase.
 
-With ``--push-to-argilla DATASET`` every pick is also pushed to Argilla as a new record of a
-binary-preference dataset (:func:`push_picks_to_argilla`), with the tester's pick as a suggestion.
+Every saved pick can also go elsewhere: ``Arena(..., on_pick=f)`` calls ``f(record)`` after saving
+it and shows what it returns (or its error) on the page. ``alignkit chat --push-to-argilla DATASET``
+(:mod:`alignkit.loop.chat`) passes one that pushes the pick to Argilla
+(:func:`alignkit.annotation.picks.push_picks_to_argilla`).
 
 Server: the standard library's ThreadingHTTPServer on 127.0.0.1; one generation runs at a time.
 Endpoints (JSON in, JSON out): ``GET /`` the page, ``GET /api/state``, ``POST /api/chat``
@@ -26,7 +28,6 @@ Endpoints (JSON in, JSON out): ``GET /`` the page, ``GET /api/state``, ``POST /a
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import random
@@ -35,6 +36,7 @@ import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 
 from alignkit.evals.chat import Bot, GenOptions, with_system
 
@@ -49,12 +51,12 @@ class Arena:
     """Conversations, hidden left/right assignments, and the picks file."""
 
     def __init__(self, bot_1: Bot, bot_2: Bot, opts: GenOptions, out: str | Path, system: str | None = None,
-                 argilla_dataset: str | None = None, workspace: str = "alignkit"):
+                 on_pick: Callable[[dict], str | None] | None = None):
         self.bots = {bot_1.name: bot_1, bot_2.name: bot_2}
         if len(self.bots) < 2:  # the same model twice: still two independent samplers
             self.bots = {bot_1.name + " (1)": bot_1, bot_2.name + " (2)": bot_2}
         self.opts, self.out, self.system = opts, Path(out), system
-        self.argilla_dataset, self.workspace = argilla_dataset, workspace
+        self.on_pick = on_pick  # where else a saved pick goes (the CLI's Argilla push)
         self.conversations: dict[str, dict] = {}
         self.generate_lock = threading.Lock()  # the models are shared: one generation at a time
         self.state_lock = threading.Lock()
@@ -117,49 +119,19 @@ class Arena:
             conv["turns"] = turn["prompt"][1 if conv["system"] else 0:] + [{"role": "assistant", "content": keep}]
         return record
 
+    def run_on_pick(self, record: dict) -> str | None:
+        """``on_pick(record)``'s answer for the page, or its error: the pick is saved locally anyway."""
+        if self.on_pick is None:
+            return None
+        try:
+            return self.on_pick(record)
+        except Exception as e:  # noqa: BLE001 - reported to the page and the terminal
+            print(f"alignkit chat: Argilla push failed: {e}", file=sys.stderr, flush=True)
+            return f"push failed: {type(e).__name__}: {e}"[:300]
+
     def history(self, cid: str | None) -> list[dict]:
         conv = self.conversations.get(cid)
         return conv["turns"] if conv else []
-
-
-# --------------------------------------------------------------------------------------------
-# Argilla
-
-
-def push_picks_to_argilla(records: list[dict], dataset_name: str, workspace: str = "alignkit", client=None) -> int:
-    """Push saved picks (records of the picks files) to Argilla as new annotation records.
-
-    The dataset is a binary-preference dataset as ``alignkit annotate push`` makes them (fields
-    ``prompt``, ``response_1`` = answer A, ``response_2`` = answer B; LabelQuestion ``preference``),
-    created if missing. The tester's pick is attached as a suggestion (none for ties / both bad);
-    models, choice and session go to metadata, which annotators do not see. Record ids come from
-    the content, so pushing the same picks again adds nothing. The client is ``client`` or one for
-    ARGILLA_API_URL / ARGILLA_API_KEY, else the local server (``alignkit.annotation.server``). Returns the
-    number of records sent."""
-    import argilla as rg
-
-    from alignkit.annotation.datasets import EMPTY_PLACEHOLDER, DatasetConfig, connect, ensure_dataset, render_prompt, sdk_client
-
-    if client is None:
-        client = sdk_client(connect())
-    cfg = DatasetConfig(mode="binary", dataset=dataset_name, workspace=workspace, annotators_per_record=1)
-    ds, _ = ensure_dataset(client, cfg, 2)
-    rows = []
-    for rec in records:
-        a, b = rec["response_a"], rec["response_b"]
-        rid = hashlib.sha256(json.dumps([rec["session_id"], rec["prompt"], a, b], ensure_ascii=False).encode()).hexdigest()[:24]
-        suggestions = ([rg.Suggestion(question_name="preference", value="response_1" if rec["choice"] == "A" else "response_2",
-                                      agent="alignkit-chat-tester")] if rec["choice"] in ("A", "B") else [])
-        rows.append(rg.Record(
-            id=f"chat.{rid}",
-            fields={"prompt": render_prompt(rec["prompt"]), "response_1": a if a.strip() else EMPTY_PLACEHOLDER,
-                    "response_2": b if b.strip() else EMPTY_PLACEHOLDER},
-            metadata={"item_id": f"chat.{rid}", "permutation": [0, 1], "alignkit_mode": "binary", "source": "alignkit-chat",
-                      "choice": rec["choice"], "model_a": rec["model_a"], "model_b": rec["model_b"],
-                      "session_id": rec["session_id"], "timestamp": rec["timestamp"]},
-            suggestions=suggestions))
-    ds.records.log(rows)
-    return len(rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,13 +173,9 @@ def make_handler(arena: Arena):
                 elif self.path == "/api/pick":
                     rec = arena.pick(body.get("conversation"), body.get("choice"))
                     reply = {"saved": arena.saved, "history": arena.history(body.get("conversation"))}
-                    if arena.argilla_dataset:
-                        try:
-                            push_picks_to_argilla([rec], arena.argilla_dataset, arena.workspace)
-                            reply["argilla"] = "pushed"
-                        except Exception as e:  # the pick is saved locally anyway
-                            print(f"alignkit chat: Argilla push failed: {e}", file=sys.stderr, flush=True)
-                            reply["argilla"] = f"push failed: {type(e).__name__}: {e}"[:300]
+                    outcome = arena.run_on_pick(rec)
+                    if outcome is not None:  # the page shows it as "(Argilla: ...)"
+                        reply["argilla"] = outcome
                     self._json(reply)
                 elif self.path == "/api/reset":  # the next message starts a new conversation (new assignment)
                     arena.conversations.pop(body.get("conversation"), None)
@@ -231,8 +199,8 @@ def start_server(arena: Arena, port: int = 0, host: str = "127.0.0.1") -> Thread
 
 
 def serve(bot_1: Bot, bot_2: Bot, opts: GenOptions, out: str, port: int = 8765, system: str | None = None,
-          argilla_dataset: str | None = None, workspace: str = "alignkit") -> int:
-    arena = Arena(bot_1, bot_2, opts, out, system, argilla_dataset, workspace)
+          on_pick: Callable[[dict], str | None] | None = None) -> int:
+    arena = Arena(bot_1, bot_2, opts, out, system, on_pick)
     server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(arena))
     server.daemon_threads = True
     print(f"alignkit chat: open http://127.0.0.1:{server.server_address[1]}/  (picks -> {out}; Ctrl-C stops)", flush=True)

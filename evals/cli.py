@@ -1,12 +1,8 @@
-"""``alignkit eval`` (see :mod:`alignkit.evals.evaluate`) and ``alignkit chat`` (:mod:`alignkit.evals.chat`,
-:mod:`alignkit.evals.chat_web`)."""
+"""``alignkit eval`` (see :mod:`alignkit.evals.evaluate`). ``alignkit chat`` is wired in :mod:`alignkit.loop.chat`."""
 
 from __future__ import annotations
 
-import sys
-
 from alignkit.config import add_config_args, load_config
-from alignkit.models import DEFAULT_MODEL
 
 
 def _eval(args) -> int:
@@ -27,56 +23,3 @@ def configure_eval_cli(p) -> None:
     add_config_args(p, EvalConfig, "configs/eval.yaml",
                     force_help="run again even if completed (cached generations are redone)")
     p.set_defaults(func=_eval)
-
-
-def configure_chat_cli(p) -> None:
-    from alignkit.evals.chat import HELP
-
-    p.description = ("Chat with a model in the terminal (streaming, multi-turn, /help for commands). "
-                     "--compare answers every turn with a second model too (labelled A and B). --web serves a "
-                     "local page where a tester compares two anonymised models and saves which answer is better "
-                     "as preference records (docs/chat.md).")
-    p.epilog = HELP
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model dir, Hub id or offline:NAME (default {DEFAULT_MODEL})")
-    p.add_argument("--compare", metavar="DIR", help="a second model: both answer every turn")
-    p.add_argument("--web", action="store_true", help="serve the blind comparison page instead (needs --compare)")
-    p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens (default 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
-    p.add_argument("--port", type=int, default=8765, help="--web: port on 127.0.0.1 (0: any free port; default 8765)")
-    p.add_argument("--out", default="runs/chat/preferences.jsonl",
-                   help="--web: JSONL file the picks are appended to (default runs/chat/preferences.jsonl)")
-    p.add_argument("--push-to-argilla", metavar="DATASET",
-                   help="--web: also push every pick to this Argilla dataset (ARGILLA_API_URL/ARGILLA_API_KEY or "
-                        "the local server of `alignkit annotate server up`)")
-    p.add_argument("--workspace", default="alignkit", help="--web: Argilla workspace for --push-to-argilla")
-    p.set_defaults(func=_chat)
-
-
-def _chat(args) -> int:
-    import torch
-
-    from alignkit.evals.chat import Bot, GenOptions, terminal_chat
-
-    if args.web and not args.compare:
-        print("alignkit chat: --web compares two models: add --compare DIR", file=sys.stderr)
-        return 2
-    opts = GenOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-    torch.manual_seed(args.seed)
-    names = [args.model] + ([args.compare] if args.compare else [])
-    bots = {}
-    for label, name in zip("AB", names):
-        print(f"loading {name} ...", flush=True)
-        bots[label if args.compare else "bot"] = Bot.load(name)
-    if args.web:
-        from alignkit.evals.chat_web import serve
-
-        return serve(bots["A"], bots["B"], opts, out=args.out, port=args.port, system=args.system,
-                     argilla_dataset=args.push_to_argilla, workspace=args.workspace)
-    try:
-        return terminal_chat(bots, args.system, opts)
-    except KeyboardInterrupt:  # Ctrl-C leaves too, mid-answer included
-        print()
-        return 0

@@ -21,11 +21,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignkit.evals import stats
+
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
-from alignkit.evals import stats
 
 log = logging.getLogger("alignkit.eval")
 
@@ -131,8 +132,8 @@ def load_eval_prompts(cfg: EvalConfig) -> list[dict]:
 
 def resolve_models(cfg: EvalConfig) -> dict[str, str]:
     """name -> what from_pretrained takes; a missing directory is an error naming the model."""
-    from alignkit.models import resolve_model
     from alignkit.generation import model_dir_of
+    from alignkit.models import resolve_model
 
     resolved = {}
     for name, spec in cfg.models.items():
@@ -184,6 +185,10 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
     ref_hash = run.inputs.get(f"model:{ref_name}", {}).get("hash")
     ref = None  # (model, tokenizer), loaded on demand
     results: dict[str, dict] = {}
+
+    def load(name: str):
+        return load_policy(paths[name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+
     for name in order:
         key = _fingerprint(run.inputs.get(f"model:{name}", {}).get("hash") or paths[name], ref_hash, messages,
                            gen_kwargs, cfg.compute_kl, cfg.device)
@@ -195,11 +200,9 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
                 results[name] = data
                 continue
         log.info("eval: %s: generating %d replies (%s)", name, len(prompts) * k, paths[name])
+        model, tok = load(name)
         if name == ref_name:
-            ref = load_policy(paths[name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-            model, tok = ref
-        else:
-            model, tok = load_policy(paths[name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+            ref = model, tok
         # The model's own log-probs of its replies come from the logits generation computes anyway
         # (a second forward pass over every reply cost as much as generating it).
         out = generate(model, tok, messages, **gen_kwargs, return_logprobs=cfg.compute_kl and name != ref_name)
@@ -210,7 +213,7 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
             data["log_ratio"] = [0.0] * len(out.texts)  # KL of the reference to itself
         elif cfg.compute_kl:
             if ref is None:
-                ref = load_policy(paths[ref_name], device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+                ref = load(ref_name)
             if same_vocabulary(tok, ref[1]):
                 lp_model = out.logprobs
                 ref_prompt_ids = [encode_prompt(ref[1], m) for m in messages for _ in range(k)]

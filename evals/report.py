@@ -7,11 +7,10 @@ piece of model or prompt text is HTML-escaped.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
+from alignkit.plots import figure_png
 from alignkit.runstore import atomic_write_text
 
 CSS = """
@@ -48,13 +47,7 @@ def _ci(c: dict | None, key: str = "mean", digits: int = 3) -> str:
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
+    return figure_png(fig, dpi=96)
 
 def _plots(result: dict, rows: list[dict]) -> list[tuple[str, str]]:
     """(alt text, base64 PNG) per plot."""

@@ -1,1 +1,3 @@
-"""The whole loop (``alignkit run``): the one part above the stages, the only one that imports them all."""
+"""Above the stages, the only part that imports them: ``alignkit run`` (the whole loop, ``run.py``,
+with its index page in ``index.py``) and ``alignkit chat`` (``chat.py``: the evals stage's chat with
+the annotation stage's Argilla push of the arena's picks)."""

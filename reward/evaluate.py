@@ -20,9 +20,7 @@ Launch: ``alignkit reward eval --config configs/reward_eval.yaml [KEY=VALUE ...]
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import logging
 import math
@@ -33,7 +31,9 @@ import numpy as np
 
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import load_preferences
+from alignkit.plots import figure_png
 from alignkit.runstore import atomic_write_json, atomic_write_text, read_manifest, stage_run
+from alignkit.stats import wilson_interval
 
 log = logging.getLogger("alignkit.reward")
 
@@ -64,17 +64,6 @@ class RewardEvalConfig:
 # Metrics (pure numpy: each is checkable by hand)
 
 
-def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (good for small n and for p near 0 or 1)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def pair_correct(gap: np.ndarray) -> np.ndarray:
     """1 where chosen scored higher, 0.5 for a tie, 0 otherwise."""
     return np.where(gap > 0, 1.0, np.where(gap == 0, 0.5, 0.0))
@@ -83,8 +72,8 @@ def pair_correct(gap: np.ndarray) -> np.ndarray:
 def accuracy_summary(gap: np.ndarray) -> dict:
     correct = pair_correct(gap)
     n = len(gap)
-    lo, hi = wilson_interval(float(correct.sum()), n)
-    return {"n": n, "accuracy": float(correct.mean()) if n else float("nan"), "ci95": [lo, hi],
+    return {"n": n, "accuracy": float(correct.mean()) if n else float("nan"),
+            "ci95": wilson_interval(float(correct.sum()), n),  # [None, None] for no pairs
             "mean_reward_gap": float(gap.mean()) if n else float("nan")}
 
 
@@ -267,8 +256,8 @@ def evaluate(cfg: RewardEvalConfig, force: bool = False) -> dict:
                             "n_pairs": result["n_pairs"], "ece": result["calibration"]["ece"],
                             "length_spearman": result["length"]["spearman"]})
         ci = result["accuracy_ci95"]
-        print(f"reward eval: accuracy {result['accuracy']:.3f} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) on {len(pairs)} pairs; "
-              f"ECE {result['calibration']['ece']:.3f}\n  {result['length']['message']}\n"
+        print(f"reward eval: accuracy {_f(result['accuracy'])} (95% CI {_f(ci[0])}-{_f(ci[1])}) on {len(pairs)} pairs; "
+              f"ECE {_f(result['calibration']['ece'])}\n  {result['length']['message']}\n"
               f"  report:   {out / 'report.html'}\n  eval:     {out / 'eval.json'}")
     return run.manifest("completed")
 
@@ -278,13 +267,7 @@ def evaluate(cfg: RewardEvalConfig, force: bool = False) -> dict:
 
 
 def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
+    return "data:image/png;base64," + figure_png(fig, dpi=110)
 
 def _plots(result, r_c, r_r, len_c, len_r) -> dict[str, str]:
     import matplotlib
@@ -324,6 +307,9 @@ def _plots(result, r_c, r_r, len_c, len_r) -> dict[str, str]:
         labels = [b["bucket"] for b in result["by_margin"]]
         accs = [b["accuracy"] for b in result["by_margin"]]
         errs = np.array([[b["accuracy"] - b["ci95"][0], b["ci95"][1] - b["accuracy"]] for b in result["by_margin"]]).T
+        # At accuracy 0 or 1 the interval's end can miss it by a rounding error (1 - 1e-16), and
+        # matplotlib refuses a negative error bar.
+        errs = np.clip(errs, 0.0, None)
         ax.bar(range(len(labels)), accs, yerr=errs, color="#2563eb", capsize=4)
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
         ax.axhline(0.5, ls="--", color="#94a3b8"), ax.set_ylim(0, 1.05), ax.set_ylabel("accuracy (95% CI)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,67 +31,70 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, check_leakage, load_preferences, seeded_split
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
-from alignkit.training import (LoraOptions, evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
-                               save_trained_model, tensorboard_callback)
 from alignkit.scoring import conversation_ids, truncate_left
+from alignkit.training import (
+    LoraOptions,
+    TrainerConfig,
+    evaluate_once,
+    even_eval_batch_size,
+    freeze_lower_layers,
+    lora_config,
+    save_trained_model,
+    tensorboard_callback,
+    train_from_last_checkpoint,
+    trainer_arguments,
+    use_bf16,
+)
 
 log = logging.getLogger("alignkit.reward")
 
 
 @dataclass
-class RewardTrainConfig:
+class RewardTrainConfig(TrainerConfig):
+    """The reward stage's keys: those of every TRL stage (:class:`TrainerConfig`) and its own below."""
+
+    # model
     model: str = doc("backbone: an SFT run's model dir, a Hub id, or offline:smollm2-135m-instruct "
                      "(any model that AutoModelForSequenceClassification can load)", "runs/quickstart/sft/model")
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options (the score head is fully "
+        "trained). <output_dir>/model is always a plain merged model (what RewardScorer loads); lora.merge=false "
+        "also saves the adapters alone to <output_dir>/adapter"})
+    aspects: bool = doc("also train one head per aspect rating found in the data (aspects_chosen/aspects_rejected)", False)
+    # data
     data: str = doc("preference pairs: annotation export JSONL, TRL preference JSONL (plain or conversational, "
                     "optional margin), HH-RLHF transcripts (.jsonl/.jsonl.gz), an HF dataset dir or Hub name",
                     "runs/quickstart/annotate/export/pairs.jsonl")
     eval_data: str | None = doc("separate held-out pairs; default: hold out eval_fraction of the prompts of `data`", None)
-    output_dir: str = doc("this stage's run directory (the model goes to <output_dir>/model)", "runs/quickstart/reward")
-    seed: int = doc("seed for the split, the head's initialisation and the data order", 0)
     max_pairs: int | None = doc("use only the first N pairs of `data` (smoke runs)", None)
     eval_fraction: float = doc("fraction of PROMPTS held out (all pairs of a prompt go to the same side)", 0.1)
     on_bad_pair: str = doc("pairs with identical or empty replies: 'drop' skips and counts them, 'error' stops", "drop")
     max_length: int = doc("token limit for prompt + reply (chat template included)", 1024)
     overlength: str = doc("pairs whose chosen or rejected side is longer than max_length: 'drop' (counted in the "
                           "manifest) or 'truncate' (cut from the left: the oldest prompt tokens go, the replies stay)", "drop")
+    # loss
     use_margin: bool = doc("use the data's `margin` in the loss: -log sigmoid(r_c - r_r - margin_scale*margin); "
                            "false = plain Bradley-Terry", True)
     margin_scale: float = doc("multiplier on the data's margin (in reward units)", 1.0)
     center_rewards_coefficient: float | None = doc("weight of mean((r_c + r_r)^2), pulling rewards towards zero mean "
                                                    "(Eisenstein et al. 2023 recommend 0.01); null = off", None)
-    aspects: bool = doc("also train one head per aspect rating found in the data (aspects_chosen/aspects_rejected)", False)
     aspect_loss_weight: float = doc("weight of the aspect heads' MSE (ratings 1..5 scaled to -1..1)", 0.5)
-    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options (the score head is fully "
-        "trained). <output_dir>/model is always a plain merged model (what RewardScorer loads); lora.merge=false "
-        "also saves the adapters alone to <output_dir>/adapter"})
-    trainable_layers: int | None = doc("train only the top N transformer blocks and the score head (embeddings and "
-                                       "lower blocks frozen): about half the compute per step, and fewer parameters "
-                                       "to overfit a small preference set; null = all (not with lora)", None)
+    # schedule and optimisation (the shared keys, with the reward stage's defaults)
     epochs: float = doc("passes over the training pairs (one is usual for reward models: they overfit fast)", 1.0)
-    max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
     learning_rate: float = doc("peak learning rate", 1e-5)
     lr_scheduler: str = doc("transformers scheduler name", "linear")
-    warmup_ratio: float = doc("fraction of steps spent warming up the learning rate", 0.03)
-    weight_decay: float = doc("AdamW weight decay", 0.0)
     batch_size: int = doc("pairs per device per step (each pair is two sequences)", 4)
-    grad_accum: int = doc("gradient accumulation steps", 1)
     eval_steps: int = doc("evaluate held-out accuracy every N steps", 50)
-    save_steps: int = doc("checkpoint every N steps (resume starts from the last one)", 50)
-    save_total_limit: int = doc("checkpoints kept", 2)
-    logging_steps: int = doc("log every N steps", 10)
-    gradient_checkpointing: bool = doc("trade compute for memory", False)
-    bf16: bool | None = doc("bf16 training; default: on for CUDA GPUs that support it, off on CPU", None)
-    trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
+    # run
+    output_dir: str = doc("this stage's run directory (the model goes to <output_dir>/model)", "runs/quickstart/reward")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.overlength not in ("drop", "truncate"):
             raise ConfigError(f"overlength: expected 'drop' or 'truncate', got {self.overlength!r}")
         if self.on_bad_pair not in ("drop", "error"):
             raise ConfigError(f"on_bad_pair: expected 'drop' or 'error', got {self.on_bad_pair!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction}")
-        if self.trainable_layers is not None and self.lora.enabled:
-            raise ConfigError("trainable_layers and lora are alternatives (both limit what trains): set one of them")
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,9 +266,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("reward: already completed in %s (use --force to run again)", out)
             return run.previous
-        if run.previous and not run.resuming:  # forced, or config/inputs changed: old checkpoints do not apply
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "initial_eval.json").unlink(missing_ok=True)
+        run.clear_for_fresh_start("checkpoints", "initial_eval.json")  # forced, or another config or input
 
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, padding_side="right")
         use_margin = cfg.use_margin and data["with_margin"] > 0
@@ -294,8 +294,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             write_jsonl(out / "heldout_pairs.jsonl", data["eval"])
         run.add_output("heldout_pairs", out / "heldout_pairs.jsonl")
 
-        cuda = torch.cuda.is_available()
-        bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        bf16 = use_bf16(cfg.bf16)
         labels = ["reward"] + [f"aspect:{a}" for a in aspects]
         set_seed(cfg.seed)  # the new score head is initialised at random: seed it
         with suppress_seqcls_warning():
@@ -315,20 +314,11 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             peft_config = lora_config(cfg.lora, "SEQ_CLS")
 
         has_eval = bool(eval_rows)
-        args = RewardConfig(
-            output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
-            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=even_eval_batch_size(len(eval_rows), cfg.batch_size),
-            gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps" if has_eval else "no",
-            eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.save_steps,
-            save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps,
-            report_to="none",  # TensorBoard: our callback below
-            bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not cuda,
-            max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
-            remove_unused_columns=False, dataset_num_proc=None, dataloader_num_workers=0,
-        )
+        shared = trainer_arguments(cfg, out, bf16, even_eval_batch_size(len(eval_rows), cfg.batch_size))
+        if not has_eval:  # eval_fraction=0 and no eval_data: nothing to evaluate on
+            shared["eval_strategy"] = "no"
+        args = RewardConfig(**shared, center_rewards_coefficient=cfg.center_rewards_coefficient,
+                            remove_unused_columns=False)
         collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
         trainer = _make_trainer_class()(
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
@@ -345,12 +335,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
 
         # Held-out accuracy before training, measured once (a resumed run reports the same figure).
         initial = evaluate_once(trainer, out / "initial_eval.json") if has_eval else {}
-        resume_from = latest_checkpoint(out / "checkpoints")
-        resume_from = str(resume_from) if resume_from else None
-        if resume_from:
-            log.info("reward: resuming from %s", resume_from)
-            run.notes["resumed_from"] = resume_from
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = train_from_last_checkpoint(trainer, run, "reward")
         final = trainer.evaluate() if has_eval else {}
 
         model_dir = out / "model"

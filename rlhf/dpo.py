@@ -32,9 +32,22 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run
-from alignkit.training import (LoraOptions, evaluate_once, even_eval_batch_size, freeze_lower_layers, latest_checkpoint, lora_config,
-                               qlora_config, qlora_problem, save_trained_model, score_only_labelled_tokens_on_cpu,
-                               tensorboard_callback)
+from alignkit.training import (
+    LoraOptions,
+    TrainerConfig,
+    evaluate_once,
+    even_eval_batch_size,
+    freeze_lower_layers,
+    lora_config,
+    qlora_config,
+    qlora_problem,
+    save_trained_model,
+    score_only_labelled_tokens_on_cpu,
+    tensorboard_callback,
+    train_from_last_checkpoint,
+    trainer_arguments,
+    use_bf16,
+)
 
 log = logging.getLogger("alignkit.dpo")
 
@@ -43,8 +56,15 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclass
-class DPOStageConfig:
+class DPOStageConfig(TrainerConfig):
+    """The DPO stage's keys: those of every TRL stage (:class:`TrainerConfig`) and its own below."""
+
+    # model
     model: str = doc("policy to align (and, frozen, the reference): the SFT stage's model directory", "runs/quickstart/sft/model")
+    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options (the reference is the policy with the adapter disabled)"})
+    qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
+    precompute_ref_log_probs: bool = doc("compute the reference log-probs once before training (no reference in memory)", False)
+    # data
     data: str = doc("preference pairs: the annotation export, TRL preference JSONL ({prompt, chosen, rejected}), "
                     "HH-RLHF transcripts, an HF dataset dir or Hub name", "runs/quickstart/annotate/export/pairs.jsonl")
     eval_data: str | None = doc("held-out preference pairs; default: eval_fraction of data, split with seed", None)
@@ -52,36 +72,20 @@ class DPOStageConfig:
                                "implicit-reward evaluation", 0.1)
     on_bad_pair: str = doc("well-formed but useless pairs (identical or empty replies): 'drop' (counted) or 'error'", "drop")
     max_pairs: int | None = doc("use only the first N pairs (smoke runs)", None)
-    output_dir: str = doc("this stage's run directory", "runs/quickstart/dpo")
-    seed: int = doc("seed for the split, adapter initialisation and data order", 0)
+    max_length: int = doc("truncate prompt + reply to this many tokens (the end of long replies is cut)", 512)
+    # loss
     loss_type: list[str] = doc("DPO loss(es): sigmoid (DPO), ipo, hinge (SLiC), robust, exo_pair, nca_pair, bco_pair, "
                                "sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sigmoid_norm, sft; several "
                                "are summed with loss_weights", default_factory=lambda: ["sigmoid"])
     loss_weights: list[float] | None = doc("weights of the losses in loss_type (default: 1 each)", None)
     beta: float = doc("DPO beta: strength of the implicit KL constraint to the reference (IPO: tau)", 0.1)
     label_smoothing: float = doc("robust DPO: assumed label-flip probability in [0, 0.5); exo_pair: epsilon", 0.0)
-    max_length: int = doc("truncate prompt + reply to this many tokens (the end of long replies is cut)", 512)
-    precompute_ref_log_probs: bool = doc("compute the reference log-probs once before training (no reference in memory)", False)
-    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options (the reference is the policy with the adapter disabled)"})
-    qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
-    trainable_layers: int | None = doc("train only the top N transformer blocks (embeddings, tied output layer and "
-                                       "lower blocks frozen): about half the compute per step; null = all "
-                                       "(not with lora/qlora)", None)
-    epochs: float = doc("passes over the training pairs", 1.0)
-    max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
+    # optimisation (the shared keys, with DPO's defaults)
     learning_rate: float = doc("peak learning rate (full fine-tuning wants ~5e-7..5e-6; LoRA ~1e-5..1e-4)", 5e-6)
-    lr_scheduler: str = doc("transformers scheduler name", "cosine")
     warmup_ratio: float = doc("fraction of steps spent warming up the learning rate", 0.1)
-    weight_decay: float = doc("AdamW weight decay", 0.0)
     batch_size: int = doc("pairs per device per step", 4)
-    grad_accum: int = doc("gradient accumulation steps", 1)
-    eval_steps: int = doc("evaluate every N steps", 50)
-    save_steps: int = doc("checkpoint every N steps (resume starts from the last one)", 50)
-    save_total_limit: int = doc("checkpoints kept", 2)
-    logging_steps: int = doc("log every N steps", 10)
-    gradient_checkpointing: bool = doc("trade compute for memory", False)
-    bf16: bool | None = doc("bf16 training; default: on for CUDA GPUs that support it, off on CPU", None)
-    trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
+    # run
+    output_dir: str = doc("this stage's run directory", "runs/quickstart/dpo")
 
     def check(self) -> None:
         unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
@@ -91,8 +95,8 @@ class DPOStageConfig:
             raise ConfigError(f"dpo: {len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss types")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError("dpo: eval_fraction must be in [0, 1)")
-        if self.trainable_layers is not None and (self.lora.enabled or self.qlora):
-            raise ConfigError("dpo: trainable_layers and lora/qlora are alternatives (both limit what trains): set one")
+        if self.trainable_layers is not None and self.qlora:  # (with lora.enabled the config cannot be built)
+            raise ConfigError("dpo: trainable_layers and qlora are alternatives (both limit what trains): set one")
         if self.qlora:
             problem = qlora_problem("dpo")  # no GPU or no bitsandbytes: say so before anything is written
             if problem:
@@ -152,17 +156,14 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
             if is_main_process():
                 print(f"dpo: already completed in {out} (use --force to run again)")
             return run.previous
-        if is_main_process() and (force or not run.resuming):
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "initial_eval.json").unlink(missing_ok=True)
+        run.clear_for_fresh_start("checkpoints", "initial_eval.json")  # forced, or another config or input
         run.notes.update({"format": data["format"], "dropped_pairs": data["dropped"], "leakage": data["leakage"],
                           "split_sizes": {"train": len(data["train"]), "eval": len(data["eval"])}})
         log.info("dpo: %d train / %d eval pairs (%s); dropped %s; eval prompts also in training: %d exact, %d normalised",
                  len(data["train"]), len(data["eval"]), data["format"], data["dropped"],
                  data["leakage"]["exact_duplicates"], data["leakage"]["normalized_duplicates"])
 
-        cuda = torch.cuda.is_available()
-        bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        bf16 = use_bf16(cfg.bf16)
         dtype = torch.bfloat16 if bf16 else torch.float32
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
         quantization_config = qlora_config(dtype, "dpo") if cfg.qlora else None
@@ -180,19 +181,9 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
             match_tokenizer(ref_model, tokenizer)
 
         args = DPOConfig(
-            output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
-            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-            per_device_train_batch_size=cfg.batch_size,
-            per_device_eval_batch_size=even_eval_batch_size(len(data["eval"]), cfg.batch_size),
-            gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
-            save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-            logging_steps=cfg.logging_steps, report_to="none",  # TensorBoard: our callback below
-            bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not cuda,
+            **trainer_arguments(cfg, out, bf16, even_eval_batch_size(len(data["eval"]), cfg.batch_size)),
             loss_type=list(cfg.loss_type), loss_weights=cfg.loss_weights, beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
-            precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-            dataset_num_proc=None, dataloader_num_workers=0,
+            label_smoothing=cfg.label_smoothing, precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         )
         # Datasets live in files under the run directory, written by the main process first: TRL's
         # tokenisation and reference log-prob caches then sit beside them, shared by every rank (an
@@ -214,12 +205,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
                         run.notes["dropped_too_long"])
 
         initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
-        resume_from = latest_checkpoint(out / "checkpoints")
-        resume_from = str(resume_from) if resume_from else None
-        if resume_from:
-            log.info("dpo: resuming from %s", resume_from)
-            run.notes["resumed_from"] = resume_from
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = train_from_last_checkpoint(trainer, run, "dpo")
         final = trainer.evaluate()
 
         model_dir = out / "model"

@@ -29,22 +29,10 @@ from typing import Optional, Tuple, Union
 import torch
 
 __all__ = [
-    "response_mask_after_eos",
-    "masked_mean",
-    "masked_sum",
-    "masked_var",
-    "masked_whiten",
-    "logprobs_from_logits",
-    "entropy_from_logits",
-    "kl_penalty",
-    "KL_KINDS",
-    "compute_rewards",
-    "apply_missing_eos_penalty",
-    "gae",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "AdaptiveKLController",
-    "FixedKLController",
+    "response_mask_after_eos", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
+    "logprobs_from_logits", "entropy_from_logits", "kl_penalty", "KL_KINDS", "compute_rewards",
+    "apply_missing_eos_penalty", "gae", "ppo_policy_loss", "ppo_value_loss", "AdaptiveKLController",
+    "FixedKLController"
 ]
 
 Number = Union[float, int]
@@ -59,7 +47,6 @@ def _bool_mask(mask: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch
 
 # --------------------------------------------------------------------------------------------
 # Masks
-# --------------------------------------------------------------------------------------------
 
 
 def response_mask_after_eos(
@@ -101,7 +88,6 @@ def response_mask_after_eos(
 
 # --------------------------------------------------------------------------------------------
 # Masked statistics
-# --------------------------------------------------------------------------------------------
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
@@ -168,7 +154,6 @@ def masked_whiten(
 
 # --------------------------------------------------------------------------------------------
 # Log-probs and entropy
-# --------------------------------------------------------------------------------------------
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -229,7 +214,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # KL penalty and rewards
-# --------------------------------------------------------------------------------------------
 
 KL_KINDS = ("k1", "abs", "mse", "k3")
 
@@ -327,7 +311,6 @@ def apply_missing_eos_penalty(
 
 # --------------------------------------------------------------------------------------------
 # Advantages
-# --------------------------------------------------------------------------------------------
 
 
 def gae(
@@ -375,7 +358,6 @@ def gae(
 
 # --------------------------------------------------------------------------------------------
 # Losses
-# --------------------------------------------------------------------------------------------
 
 
 def ppo_policy_loss(
@@ -454,7 +436,6 @@ def ppo_value_loss(
 
 # --------------------------------------------------------------------------------------------
 # KL coefficient controllers
-# --------------------------------------------------------------------------------------------
 
 
 class AdaptiveKLController:

@@ -1,8 +1,9 @@
 """SFT stage: supervised fine-tuning on instruction data with TRL's SFTTrainer.
 
 Reads like the stage: load and check the data, split it (train / validation / held-out prompts),
-check held-out prompts for leakage, build the model (full, LoRA or QLoRA), measure validation loss,
-train with checkpoints (resuming the last one), measure again, save the model and the manifest.
+check held-out prompts for leakage, build the model (full, top blocks only, LoRA or QLoRA), measure
+validation loss, train with checkpoints (resuming the last one), measure again, save the model and
+the manifest.
 
 Launch: ``alignkit sft --config configs/sft.yaml [KEY=VALUE ...]``; on several processes:
 ``torchrun --nproc_per_node 2 -m alignkit.cli sft --config ...`` or ``accelerate launch``.
@@ -14,53 +15,57 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import add_config_args, doc, load_config, to_dict
+from alignkit.config import ConfigError, add_config_args, doc, load_config, to_dict
 from alignkit.data import DEMO_DATA, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
-from alignkit.training import (LoraOptions, evaluate_once, latest_checkpoint, lora_config, qlora_config, save_trained_model,
-                               score_only_labelled_tokens_on_cpu, tensorboard_callback)
+from alignkit.training import (
+    TrainerConfig,
+    evaluate_once,
+    freeze_lower_layers,
+    lora_config,
+    qlora_config,
+    save_trained_model,
+    score_only_labelled_tokens_on_cpu,
+    tensorboard_callback,
+    train_from_last_checkpoint,
+    trainer_arguments,
+    use_bf16,
+)
 
 log = logging.getLogger("alignkit.sft")
 
 
 @dataclass
-class SFTStageConfig:
+class SFTStageConfig(TrainerConfig):
+    """The SFT stage's keys: those of every TRL stage (:class:`TrainerConfig`) and its own below."""
+
+    # model (the shared model key, with SFT's default: the base model, not an SFT run's)
     model: str = doc("base model: a local dir, a Hub id, or offline:smollm2-135m-instruct", DEFAULT_MODEL)
+    qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
+    # data
     data: str = doc("instruction data: Alpaca JSON/JSONL, prompt/completion or messages JSONL, an HF dataset dir or Hub name; 'demo' is the shipped demo set", "demo")
     data_format: str = doc("auto, alpaca, prompt_completion or messages", "auto")
     on_bad_record: str = doc("a record with a missing/empty/mistyped field: 'error' stops, 'drop' skips it and counts it in the manifest", "error")
-    output_dir: str = doc("this stage's run directory", "runs/quickstart/sft")
-    seed: int = doc("seed for the split, initialisation of adapters and data order", 0)
     max_examples: int | None = doc("use only the first N examples (smoke runs)", None)
+    # split
     val_fraction: float = doc("fraction of examples kept for validation loss", 0.1)
     heldout_fraction: float = doc("fraction of prompts held out for evaluation (never trained on)", 0.1)
     extra_heldout: str | None = doc("another prompt file to be checked for leakage into the training data", None)
-    max_length: int = doc("truncate tokenised examples to this many tokens", 512)
+    # loss
     packing: bool = doc("pack several examples into one sequence of max_length tokens", False)
     completion_only_loss: bool = doc("compute the loss on the reply only, not on the prompt", True)
-    lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options"})
-    qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
-    epochs: float = doc("passes over the training data", 1.0)
-    max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
-    learning_rate: float = doc("peak learning rate", 2e-5)
-    lr_scheduler: str = doc("transformers scheduler name", "cosine")
-    warmup_ratio: float = doc("fraction of steps spent warming up the learning rate", 0.03)
-    weight_decay: float = doc("AdamW weight decay", 0.0)
-    batch_size: int = doc("examples per device per step", 4)
-    grad_accum: int = doc("gradient accumulation steps", 1)
-    eval_steps: int = doc("validate every N steps", 50)
-    save_steps: int = doc("checkpoint every N steps (resume starts from the last one)", 50)
-    save_total_limit: int = doc("checkpoints kept", 2)
-    logging_steps: int = doc("log every N steps", 10)
-    gradient_checkpointing: bool = doc("trade compute for memory", False)
-    bf16: bool | None = doc("bf16 training; default: on for CUDA GPUs that support it, off on CPU", None)
-    trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
+    # run
+    output_dir: str = doc("this stage's run directory", "runs/quickstart/sft")
     record_seen_examples: bool = doc("write a hash of every example each rank trained on (for distributed checks)", False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.trainable_layers is not None and self.qlora:
+            raise ConfigError("sft: trainable_layers and qlora are alternatives (both limit what trains): set one")
 
 
 def _sha(obj) -> str:
@@ -110,10 +115,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("sft: already completed in %s (use --force to run again)", out)
             return run.previous
-        if not run.resuming and is_main_process():
-            # A fresh start (forced, or a changed config or input) must not pick up old checkpoints.
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "initial_eval.json").unlink(missing_ok=True)
+        run.clear_for_fresh_start("checkpoints", "initial_eval.json")  # forced, or another config or input
         splits = data["splits"]
         if is_main_process():
             write_jsonl(out / "heldout_prompts.jsonl",
@@ -129,8 +131,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         log.info("sft: %d examples -> %s; held-out leakage: %d exact, %d normalised duplicates",
                  data["n_examples"], run.notes["split_sizes"], leak["exact_duplicates"], leak["normalized_duplicates"])
 
-        cuda = torch.cuda.is_available()
-        bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+        bf16 = use_bf16(cfg.bf16)
         dtype = torch.bfloat16 if bf16 else torch.float32
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
         quantization_config = None
@@ -141,22 +142,14 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config)
         match_tokenizer(model, tokenizer)
+        if cfg.trainable_layers is not None:  # (never with LoRA: these counts precede PEFT's wrapping)
+            run.notes["parameters"] = freeze_lower_layers(model, cfg.trainable_layers)
         peft_config = None
         if cfg.lora.enabled or cfg.qlora:
             peft_config = lora_config(cfg.lora, "CAUSAL_LM")
 
-        args = SFTConfig(
-            output_dir=str(out / "checkpoints"), seed=cfg.seed, data_seed=cfg.seed,
-            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
-            save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-            logging_steps=cfg.logging_steps, report_to="none",  # TensorBoard: our callback below
-            bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not cuda,
-            max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=cfg.completion_only_loss,
-            dataset_num_proc=None, dataloader_num_workers=0, disable_tqdm=False,
-        )
+        args = SFTConfig(**trainer_arguments(cfg, out, bf16), packing=cfg.packing,
+                         completion_only_loss=cfg.completion_only_loss, disable_tqdm=False)
         score_only_labelled_tokens_on_cpu()
         trainer = SFTTrainer(
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
@@ -168,12 +161,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
             trainer.data_collator = _RecordingCollator(trainer.data_collator, trainer.model, seen)
 
         initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
-        resume_from = latest_checkpoint(out / "checkpoints")
-        resume_from = str(resume_from) if resume_from else None
-        if resume_from:
-            log.info("sft: resuming from %s", resume_from)
-            run.notes["resumed_from"] = resume_from
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = train_from_last_checkpoint(trainer, run, "sft")
         if cfg.record_seen_examples:
             atomic_write_json(out / f"seen_examples_rank{os.environ.get('RANK', '0')}.json", seen)
         final = trainer.evaluate()

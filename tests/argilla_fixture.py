@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from alignkit.annotation.server import ServerConfig, ServerError, down, up
 
 
@@ -25,7 +24,7 @@ def local_config(home) -> ServerConfig:
 
 @pytest.fixture(scope="session")
 def argilla_server(request, tmp_path_factory):
-    """ServerInfo(url, api_key) of a running local Argilla, torn down at session end.
+    """Connection(url, api_key) of a running local Argilla, torn down at session end.
 
     pytest makes one session fixture per module that imports this function (and one for conftest),
     so the server is shared through the session config: the first user starts it, the last stops it.

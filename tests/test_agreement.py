@@ -1,4 +1,4 @@
-"""Tests for annotation/agreement.py (inter-annotator agreement)."""
+"""Tests for annotation/agreement.py (inter-annotator agreement), its measures, gate, report and CLI verb."""
 
 import argparse
 import csv
@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
-
 from alignkit.annotation import agreement as ag
+from alignkit.annotation import agreement_measures as measures
+from alignkit.annotation.agreement_report import write_report
+from alignkit.annotation.cli import configure_cli
+from alignkit.annotation.gate import GateError, gate
+from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -168,11 +171,11 @@ def test_matches_statsmodels(seed):
     got = ag.compute_agreement(rows, n_bootstrap=0)["questions"]["q"]["fleiss_kappa"]
     assert got == pytest.approx(expected, abs=1e-9)
     # vectorised kappa from counts, unit weights
-    assert ag.fleiss_kappa_weighted(table, np.ones(n_items))[0] == pytest.approx(expected, abs=1e-9)
+    assert measures.fleiss_kappa_weighted(table, np.ones(n_items))[0] == pytest.approx(expected, abs=1e-9)
     # vectorised kappa of bootstrap resamples == statsmodels on the resampled tables
     idx = rng.integers(0, n_items, (20, n_items))
     w = np.stack([np.bincount(r, minlength=n_items) for r in idx])
-    vec = ag.fleiss_kappa_weighted(table, w)
+    vec = measures.fleiss_kappa_weighted(table, w)
     ref = [fleiss_kappa(table[r], method="fleiss") for r in idx]
     np.testing.assert_allclose(vec, ref, rtol=0, atol=1e-9)
 
@@ -182,20 +185,20 @@ def test_bootstrap_weights_both_paths(n_patterns_forced):
     rng = np.random.default_rng(0)
     data = rng.integers(0, 2, (500, 5))
     table, _ = aggregate_raters(data)
-    pats, inv = ag._patterns(table)
+    pats, inv = measures._patterns(table)
     assert (pats[inv] == table).all()
     if n_patterns_forced:  # every item its own pattern -> index-draw path
         pats, inv = table, np.arange(len(table))
-        chunks = list(ag._bootstrap_weights(inv, 5000, 50, np.random.default_rng(1)))
+        chunks = list(measures._bootstrap_weights(inv, 5000, 50, np.random.default_rng(1)))
         chunks = [c[:, :len(table)] for c in chunks]
     else:
-        chunks = list(ag._bootstrap_weights(inv, len(pats), 50, np.random.default_rng(1)))
+        chunks = list(measures._bootstrap_weights(inv, len(pats), 50, np.random.default_rng(1)))
     w = np.concatenate(chunks)
     assert w.shape[0] == 50 and (w.sum(1) == len(table)).all()
     # weighted kappa over patterns == statsmodels on the expanded resampled table
     for row in w[:5]:
         expanded = np.repeat(pats, row.astype(int), axis=0)
-        assert ag.fleiss_kappa_weighted(pats, row)[0] == pytest.approx(
+        assert measures.fleiss_kappa_weighted(pats, row)[0] == pytest.approx(
             fleiss_kappa(expanded), abs=1e-9)
 
 
@@ -278,8 +281,8 @@ K2011 = np.array([
 
 
 def test_krippendorff_alpha_textbook_example():
-    assert ag.krippendorff_alpha(K2011, "nominal") == pytest.approx(0.743, abs=5e-4)
-    assert ag.krippendorff_alpha(K2011, "ordinal") == pytest.approx(0.815, abs=5e-4)
+    assert measures.krippendorff_alpha(K2011, "nominal") == pytest.approx(0.743, abs=5e-4)
+    assert measures.krippendorff_alpha(K2011, "ordinal") == pytest.approx(0.815, abs=5e-4)
     # same numbers through compute_agreement (unit 12 has a single value and is ignored)
     rows = []
     for r, obs in enumerate(K2011):
@@ -301,9 +304,9 @@ def test_krippendorff_alpha_hand_computed_small_case():
     # n_1 = 3, n_2 = 3, n = 6; D_o ~ o_12 + o_21 = 2; D_e ~ n_1 n_2 + n_2 n_1 = 18
     # alpha = 1 - (n - 1) * 2 / 18 = 1 - 10/18 = 4/9
     data = [[1, 1, 2], [1, 2, 2]]
-    assert ag.krippendorff_alpha(data, "nominal") == pytest.approx(4 / 9, abs=1e-12)
+    assert measures.krippendorff_alpha(data, "nominal") == pytest.approx(4 / 9, abs=1e-12)
     # ordinal with two values: delta^2(1,2) = (n_1 + n_2 - (n_1 + n_2)/2)^2 = 9 -> same alpha
-    assert ag.krippendorff_alpha(data, "ordinal") == pytest.approx(4 / 9, abs=1e-12)
+    assert measures.krippendorff_alpha(data, "ordinal") == pytest.approx(4 / 9, abs=1e-12)
 
 
 def test_weighted_alpha_equals_repeated_units():
@@ -312,8 +315,8 @@ def test_weighted_alpha_equals_repeated_units():
     w = rng.integers(0, 4, 30)
     expanded = np.repeat(counts, w, axis=0)
     for metric in ("nominal", "ordinal"):
-        a = ag.krippendorff_alpha_weighted(counts, w, metric)[0]
-        b = ag.krippendorff_alpha_weighted(expanded, np.ones(len(expanded)), metric)[0]
+        a = measures.krippendorff_alpha_weighted(counts, w, metric)[0]
+        b = measures.krippendorff_alpha_weighted(expanded, np.ones(len(expanded)), metric)[0]
         assert a == pytest.approx(b, abs=1e-12)
 
 
@@ -439,18 +442,18 @@ def test_missing_file():
 def test_gate():
     res = ag.compute_agreement(synthetic(n_items=200, questions=("a", "b")), n_bootstrap=0)
     ka = res["questions"]["a"]["fleiss_kappa"]
-    assert ag.gate(res, ka - 0.01) == (True, [])
-    ok, failures = ag.gate(res, 0.99)
+    assert gate(res, ka - 0.01) == (True, [])
+    ok, failures = gate(res, 0.99)
     assert not ok and len(failures) == 2 and failures[0].startswith("a:")
-    ok, failures = ag.gate(res, 0.99, questions=["b"])
+    ok, failures = gate(res, 0.99, questions=["b"])
     assert not ok and len(failures) == 1 and failures[0].startswith("b:")
-    ok, failures = ag.gate(res, 0.1, questions=["missing"])
+    ok, failures = gate(res, 0.1, questions=["missing"])
     assert not ok and "not found" in failures[0]
 
 
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "alignkit.annotation.agreement", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "alignkit.annotation.cli", "agreement", *map(str, args)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -497,18 +500,19 @@ def test_cli_bad_input_exit_code(tmp_path):
     path.write_text("item_id,annotator,question\n1,a,q\n")
     p = run_cli("--annotations", path, "--out", tmp_path / "o")
     assert p.returncode == 2
-    assert "a.csv:1" in p.stderr and "'value'" in p.stderr
+    assert p.stderr.startswith("alignkit: error: ") and "a.csv:1" in p.stderr and "'value'" in p.stderr
 
 
-def test_register_cli_with_plain_argparse(tmp_path):
+def test_agreement_verb_with_plain_argparse(tmp_path):
     path = tmp_path / "a.jsonl"
     write_jsonl(path, synthetic(n_items=40))
     parser = argparse.ArgumentParser(prog="alignkit annotate")
-    sub = parser.add_subparsers(dest="command")
-    ag.register_cli(sub)
+    configure_cli(parser)
     args = parser.parse_args(["agreement", "--annotations", str(path), "--out",
                               str(tmp_path / "o"), "--bootstrap", "20", "--min-kappa", "0.99"])
-    assert args.func(args) == 3
+    with pytest.raises(GateError) as e:
+        args.func(args)
+    assert e.value.exit_code == 3 and "agreement gate failed (min_kappa 0.99" in str(e.value)
     assert (tmp_path / "o" / "report.html").exists()
 
 
@@ -518,7 +522,7 @@ def test_html_escapes_user_text(tmp_path):
                      question=f"q{evil}", annotators=[evil, "x&y", "z"],
                      items=[evil, "i2", "i3"])
     res = ag.compute_agreement(rows, n_bootstrap=20)
-    ag.write_report(res, tmp_path)
+    write_report(res, tmp_path)
     text = (tmp_path / "report.html").read_text()
     assert evil not in text and "&lt;script&gt;" in text
     assert "http://" not in text and "https://" not in text and "<link" not in text
@@ -530,7 +534,7 @@ def test_degenerate_all_same_answer():
     res = ag.compute_agreement(rows, n_bootstrap=20)
     q = res["questions"]["q"]
     assert q["fleiss_kappa"] is None and q["observed_agreement"] == 1.0
-    ok, failures = ag.gate(res, 0.2)
+    ok, failures = gate(res, 0.2)
     assert not ok and "undefined" in failures[0]
 
 
@@ -551,10 +555,10 @@ def test_html_report_in_chromium(tmp_path):
                  "value": "response_1"})
     rows = [r for r in rows if not (r["item_id"] == "item-1" and r["annotator"] in ("ann_0", "ann_1"))]
     res = ag.compute_agreement(rows, n_bootstrap=200)
-    passed, failures = ag.gate(res, 0.4)
+    passed, failures = gate(res, 0.4)
     res["gate"] = {"min_kappa": 0.4, "passed": passed, "failures": failures}
     res["source"] = "synthetic <test> data"
-    paths = ag.write_report(res, tmp_path / "report")
+    paths = write_report(res, tmp_path / "report")
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -37,7 +37,7 @@ def test_ppo_two_processes(tiny_model, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(12)))
     config = tmp_path / "ppo.yaml"
     config.write_text(yaml.safe_dump({
-        "policy": str(tiny_model), "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:brevity",
+        "model": str(tiny_model), "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:brevity",
         "prompts": str(prompts), "output_dir": str(tmp_path / "ppo"), "total_steps": 3, "save_steps": 2,
         "rollout_batch_size": 4, "mini_batch_size": 2, "grad_accum": 2, "ppo_epochs": 1,
         "learning_rate": 1e-3, "max_new_tokens": 8, "adaptive_kl": True, "kl_target": 1.0,

@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from alignkit.annotation.argilla_client import ArgillaError, Http, ensure_user, sdk_client, user_api_key
+from alignkit.annotation.datasets import DatasetConfig, PushConfig, get_dataset, list_records, push
+from alignkit.annotation.export import ExportConfig, export
+from alignkit.annotation.gate import GateError
+from alignkit.annotation.pull import PullConfig, pull
+from alignkit.annotation.server import Connection
+from alignkit.annotation.simulate import SimulateConfig, oracle_judge, simulate
 
 from alignkit.cli import main as alignkit_main
 from alignkit.data import load_preferences
-from alignkit.annotation.datasets import (ArgillaError, Connection, DatasetConfig, Http, PushConfig, ensure_user, get_dataset,
-                                 list_records, push, sdk_client, user_api_key)
-from alignkit.annotation.export import ExportConfig, GateError, export
-from alignkit.annotation.pull import PullConfig, pull
-from alignkit.annotation.simulate import SimulateConfig, oracle_judge, simulate
 from tests.argilla_fixture import argilla_server, local_config  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
@@ -44,7 +46,7 @@ def make_candidates(path: Path, n: int, k: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def conn(argilla_server):  # noqa: F811
-    return Connection(argilla_server.url, argilla_server.api_key)
+    return argilla_server  # the server's Connection (url, api_key)
 
 
 @pytest.fixture()
@@ -218,7 +220,7 @@ def test_export_cli_exits_nonzero_when_the_gate_fails(tmp_path, conn, argilla_en
     assert run_cli("pull", *common) == 0
     assert run_cli("export", *common, "min_kappa=0.6", "bootstrap=100") == 3
     err = capsys.readouterr().err
-    assert "export stopped: agreement gate failed" in err and "Nothing exported" in err
+    assert "alignkit: error: agreement gate failed" in err and "Nothing exported" in err
 
 
 # ------------------------------------------------------------------ 3. workspace isolation, keys

@@ -8,15 +8,24 @@ import random
 from pathlib import Path
 
 import pytest
+from alignkit.annotation.cli import load_verb_config
+from alignkit.annotation.datasets import (
+    EMPTY_PLACEHOLDER,
+    DatasetConfig,
+    build_record,
+    load_candidates,
+    permutation,
+    question_names,
+    record_id,
+    slot,
+)
+from alignkit.annotation.export import ExportConfig, export
+from alignkit.annotation.gate import GateError
+from alignkit.annotation.pull import latest, read_table, response_value
+from alignkit.annotation.simulate import Annotator, decide, oracle_judge
 
 from alignkit.config import ConfigError
 from alignkit.data import load_preferences
-from alignkit.annotation.cli import load_verb_config
-from alignkit.annotation.datasets import (EMPTY_PLACEHOLDER, DatasetConfig, build_record, load_candidates, permutation,
-                                 question_names, record_id, slot)
-from alignkit.annotation.export import ExportConfig, GateError, export
-from alignkit.annotation.pull import latest, read_table, response_value
-from alignkit.annotation.simulate import Annotator, decide, oracle_judge
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "user", "content": "Explain what a rainbow is. Answer in at most 5 words."}]
@@ -299,7 +308,7 @@ def test_config_sections(tmp_path):
 def test_cli_has_every_verb():
     from alignkit.cli import build_parser
 
-    parser = build_parser()
+    parser = build_parser(["annotate"])
     for verb in ("server", "generate", "push", "simulate", "pull", "agreement", "export", "users"):
         args = parser.parse_args(["annotate", verb] + (["status"] if verb == "server" else [])
                                  + (["list"] if verb == "users" else [])

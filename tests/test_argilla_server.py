@@ -4,8 +4,8 @@ import stat
 import time
 
 import pytest
+from alignkit.annotation.server import Connection, ServerConfig, ServerError, connect, down, status, up
 
-from alignkit.annotation.server import ServerConfig, ServerError, connect, down, status, up
 from tests.argilla_fixture import argilla_server, local_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_failed_start_fails_with_log_tail_and_leaves_nothing_running(tmp_path):
 def test_connect_prefers_existing_argilla(monkeypatch, tmp_path):
     monkeypatch.setenv("ARGILLA_API_URL", "https://argilla.example.org/")
     monkeypatch.setenv("ARGILLA_API_KEY", "external-key")
-    assert connect(ServerConfig(home=tmp_path)) == ("https://argilla.example.org", "external-key")
+    assert connect(tmp_path, start=True) == Connection("https://argilla.example.org", "external-key")
     assert not (tmp_path / "state.json").exists()  # nothing was started
 
 

@@ -25,7 +25,6 @@ SCREENSHOT_DIR = Path(os.environ.get("ALIGNKIT_SCREENSHOTS", "")) if os.environ.
 @pytest.fixture(scope="module")
 def arena_server(tiny_model, tmp_path_factory):
     import torch
-
     from alignkit.evals.chat import Bot, GenOptions
     from alignkit.evals.chat_web import Arena, start_server
 
@@ -121,8 +120,7 @@ def test_pick_is_saved_as_preference_record(arena_server, page):
 
 def test_push_picks_to_argilla(argilla_server):  # noqa: F811  (fixture from tests.argilla_fixture)
     import argilla as rg
-
-    from alignkit.evals.chat_web import push_picks_to_argilla
+    from alignkit.annotation.picks import push_picks_to_argilla
 
     prompt = [{"role": "user", "content": "Name a colour."}]
     picks = [
@@ -143,3 +141,45 @@ def test_push_picks_to_argilla(argilla_server):  # noqa: F811  (fixture from tes
     assert blue.fields["response_2"] == "Seven." and blue.metadata["model_a"] == "m1"
     assert blue.suggestions["preference"].value == "response_1"
     assert records["Red."].metadata["choice"] == "tie" and not list(records["Red."].suggestions)
+
+
+def test_page_reports_the_argilla_push_of_each_pick(arena_server, page, argilla_server, monkeypatch, tmp_path):  # noqa: F811
+    """--push-to-argilla's wiring (alignkit.loop.chat): each pick is pushed as it is saved, and the
+    page says so; a push that fails is reported on the page while the pick stays saved."""
+    import argilla as rg
+    from alignkit.evals.chat_web import Arena, start_server
+    from alignkit.loop.chat import argilla_push
+
+    monkeypatch.setenv("ARGILLA_API_URL", argilla_server.url)
+    monkeypatch.setenv("ARGILLA_API_KEY", argilla_server.api_key)
+    bots = list(arena_server[0].bots.values())
+    push = argilla_push("chat-web-push-test", "chat-test")
+    calls = []
+
+    def on_pick(record):
+        calls.append(record)
+        if len(calls) == 2:
+            raise RuntimeError("server down")
+        return push(record)
+
+    arena = Arena(*bots, arena_server[0].opts, out=tmp_path / "preferences.jsonl", on_pick=on_pick)
+    server = start_server(arena, port=0)
+    try:
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_function("document.getElementById('saved').textContent === '0 picks saved'")
+        ask(page, "Name a colour.")
+        page.click("#pick-b")
+        page.wait_for_function("document.getElementById('saved').textContent === '1 pick saved'")
+        assert "Saved: B is better (Argilla: pushed)." in page.inner_text("#status")
+        ask(page, "Another one?")
+        page.click("#pick-a")
+        page.wait_for_function("document.getElementById('saved').textContent === '2 picks saved'")
+        assert "(Argilla: push failed: RuntimeError: server down)" in page.inner_text("#status")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(arena.out.read_text().splitlines()) == 2  # both saved, the failed push included
+    client = rg.Argilla(api_url=argilla_server.url, api_key=argilla_server.api_key)
+    records = list(client.datasets("chat-web-push-test", workspace="chat-test").records(with_suggestions=True))
+    assert len(records) == 1 and records[0].metadata["session_id"] == calls[0]["session_id"]
+    assert records[0].suggestions["preference"].value == "response_2"

@@ -68,7 +68,7 @@ def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, ar
 
 
 def test_eval_summary_says_which_models_beat_the_baseline():
-    from alignkit.loop.run import _eval_summary, beats
+    from alignkit.loop.index import beats, eval_summary
 
     def win(rate, lo, hi):
         return {"win_rate": rate, "ci": [lo, hi]}
@@ -82,7 +82,7 @@ def test_eval_summary_says_which_models_beat_the_baseline():
                 "win_rate": {"reward_model": win(0.2, 0.1, 0.35)},
                 "oracle": {"pass": {"rate": 0.1, "ci": [0.0, 0.2]}}},
     }}
-    text = _eval_summary(result)
+    text = eval_summary(result)
     assert "0.700 [0.560, 0.810]" in text and "0.550 [0.410, 0.680]" in text
     assert "dpo vs sft: by the reward model: beats (CI above 0.5); by the oracle: no clear difference (CI spans 0.5)" in text
     assert "ppo vs sft: by the reward model: loses (CI below 0.5)" in text and "ppo vs sft: by the reward model: loses (CI below 0.5);" not in text
@@ -98,3 +98,24 @@ def test_eval_models_follow_the_stages_and_the_base_model_switch():
     loop = Loop(LoopConfig(run_dir="r", stages=["sft", "annotate", "reward", "ppo", "eval"], eval_base_model=False))
     assert loop.eval_models() == {"sft": "r/sft/model", "ppo": "r/ppo/model"}
 
+
+
+@pytest.mark.parametrize("section", ["sft", "reward", "reward_eval", "dpo", "ppo", "eval", "annotate.generate",
+                                     "annotate.push", "annotate.simulate", "annotate.pull", "annotate.export",
+                                     "annotate.common"])
+def test_a_mistyped_key_in_any_section_stops_the_loop_before_any_stage(tmp_path, section, capsys):
+    """Every section is checked before the first stage: a typo fails at once, naming section and key,
+    not when its stage comes ten minutes into the loop."""
+    code = main(["run", "configs/quickstart.yaml", f"run_dir={tmp_path / 'loop'}", f"{section}.kl_coeff=0.1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert section in err and "kl_coeff" in err, err
+    assert not (tmp_path / "loop").exists()  # nothing ran, nothing was written
+
+
+def test_a_bad_value_and_an_unknown_annotation_section_stop_the_loop_too(tmp_path, capsys):
+    assert main(["run", "configs/quickstart.yaml", f"run_dir={tmp_path / 'loop'}", "ppo.mini_batch_size=3"]) == 2
+    assert "mini_batch_size 3 must divide rollout_batch_size" in capsys.readouterr().err
+    assert main(["run", "configs/quickstart.yaml", f"run_dir={tmp_path / 'loop'}", "annotate.exprt.min_kappa=0.5"]) == 2
+    assert "exprt" in capsys.readouterr().err
+    assert not (tmp_path / "loop").exists()

@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
 
 from alignkit.config import ConfigError, from_dict
 from alignkit.runstore import read_manifest
-from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a short poem about the sea.",
@@ -57,11 +57,11 @@ def prompt_file(tmp_path_factory) -> Path:
 
 def ppo_config(tiny_model, prompt_file, out_dir, **overrides) -> dict:
     cfg = {
-        "policy": str(tiny_model), "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:digit_fraction",
+        "model": str(tiny_model), "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:digit_fraction",
         "prompts": str(prompt_file), "output_dir": str(out_dir), "seed": 3,
         "total_steps": STEPS, "rollout_batch_size": 16, "mini_batch_size": 8, "grad_accum": 2, "ppo_epochs": 2,
         "learning_rate": 5e-3, "max_new_tokens": 12, "kl_coef": 0.05, "missing_eos_penalty": None,
-        "save_steps": SAVE_EVERY, "keep_checkpoints": 3,
+        "save_steps": SAVE_EVERY, "save_total_limit": 3,
     }
     cfg.update(overrides)
     return cfg
@@ -148,6 +148,13 @@ def test_trainable_layers_freezes_policy_and_value_below_the_top(tiny_model, pro
     with pytest.raises(ConfigError, match="trainable_layers"):
         from_dict(PPOConfig, ppo_config(tiny_model, prompt_file, out, trainable_layers=1,
                                         lora={"enabled": True})).check()
+
+
+def test_config_mistakes_are_config_errors(tiny_model, prompt_file, tmp_path):
+    with pytest.raises(ConfigError, match="mini_batch_size 3 must divide"):
+        from_dict(PPOConfig, ppo_config(tiny_model, prompt_file, tmp_path, mini_batch_size=3)).check()
+    with pytest.raises(ConfigError, match="unknown key.*policy"):  # the shared key is `model`, as in SFT/reward/DPO
+        from_dict(PPOConfig, {"policy": str(tiny_model)})
 
 
 def test_killed_run_resumes_with_the_same_metrics(reference_run, tiny_model, prompt_file, tmp_path):

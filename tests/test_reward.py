@@ -9,14 +9,15 @@ import random
 
 import pytest
 import torch
+from alignkit.reward.evaluate import RewardEvalConfig, evaluate
+from alignkit.reward.train import RewardTrainConfig, prepare_data, train
 
 from alignkit.cli import main as cli_main
 from alignkit.config import ConfigError
 from alignkit.data import DataError
 from alignkit.runstore import read_manifest
-from alignkit.reward.evaluate import RewardEvalConfig, evaluate, wilson_interval
 from alignkit.scoring import RewardScorer
-from alignkit.reward.train import RewardTrainConfig, prepare_data, train
+from alignkit.stats import wilson_interval
 from alignkit.training import LoraOptions
 
 CHROMIUM = "/usr/bin/chromium"
@@ -94,9 +95,8 @@ def test_completed_run_is_noop_and_interrupted_run_resumes(synthetic_run):
     again = train(cfg)  # completed, same config and inputs: skipped
     assert again["status"] == "completed" and "resumed_from" not in again["notes"]
     # Simulate a crash after the last checkpoint: status "running", no final model.
-    from pathlib import Path
-
     import shutil
+    from pathlib import Path
 
     out = Path(cfg.output_dir)
     m = read_manifest(out)
@@ -128,12 +128,11 @@ def test_batched_scores_equal_one_at_a_time(synthetic_run):
 
 
 def test_loss_matches_hand_computation(tiny_model, tmp_path):
+    from alignkit.reward.train import _make_trainer_class
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     from transformers.modeling_outputs import SequenceClassifierOutput
     from trl import RewardConfig
-
-    from alignkit.reward.train import _make_trainer_class
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
     args = RewardConfig(output_dir=str(tmp_path), center_rewards_coefficient=0.1, bf16=False, use_cpu=True,
@@ -228,8 +227,9 @@ def test_hh_rlhf_train_and_eval_end_to_end(tiny_model, shared_data, tmp_path):
     check_report_in_chromium(ev / "report.html", tmp_path / "reward_report.png")
     # the long-pair policy "drop" would have dropped the same pairs that were truncated
     data = prepare_data(RewardTrainConfig(model=str(tiny_model), data=str(subset), eval_fraction=0.2))
-    from alignkit.models import load_tokenizer
     from alignkit.reward.train import tokenize_pairs
+
+    from alignkit.models import load_tokenizer
 
     cfg = RewardTrainConfig(model=str(tiny_model), data=str(subset), max_length=256)
     rows, overlong = tokenize_pairs(data["train"], load_tokenizer(str(tiny_model)), cfg, False, [])
@@ -315,7 +315,6 @@ def check_report_in_chromium(report, shot):
 
 def test_report_escapes_text():
     import numpy as np
-
     from alignkit.reward.evaluate import accuracy_summary, calibration, length_analysis, render_report
 
     r_c, r_r = np.array([1.0, -0.5, 2.0]), np.array([0.0, 0.5, 1.0])
@@ -330,6 +329,24 @@ def test_report_escapes_text():
                          [{"prompt": evil, "chosen": "a & b", "rejected": "<b>x</b>", "r_chosen": -0.5, "r_rejected": 0.5}])
     assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "&lt;b&gt;x&lt;/b&gt;" in page and "<code>&lt;m&gt;</code>" in page
+
+
+def test_report_draws_a_perfect_margin_bucket_and_json_has_no_nan_interval():
+    import numpy as np
+    from alignkit.reward.evaluate import accuracy_summary, calibration, length_analysis, margin_buckets, render_report
+
+    assert accuracy_summary(np.array([]))["ci95"] == [None, None]  # no pairs: no interval (null in eval.json)
+    r_c, r_r = np.linspace(1.0, 2.0, 10), np.zeros(10)
+    gap = r_c - r_r
+    buckets = margin_buckets(np.full(10, 4.0), gap)
+    assert buckets[0]["accuracy"] == 1.0 and buckets[0]["ci95"][1] < 1.0  # 1 - 1e-16: its error bar must not go negative
+    result = {"model": "m", "data": "d", "data_format": "preference", "n_pairs": 10, "ties": 0,
+              **{k: v for k, v in accuracy_summary(gap).items() if k != "n"}, "by_margin": buckets,
+              "calibration": calibration(gap), "rewards": {k: {} for k in ("chosen", "rejected", "all")},
+              "length": length_analysis(r_c, r_r, np.arange(10), np.arange(10) + 1)}
+    result["accuracy_ci95"] = result.pop("ci95")
+    page = render_report(result, r_c, r_r, np.arange(10), np.arange(10) + 1, [])
+    assert "alt='accuracy by margin'" in page
 
 
 def test_eval_batches_are_all_the_same_size():

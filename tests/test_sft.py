@@ -49,8 +49,9 @@ def test_sft_on_alpaca_libre_lowers_validation_loss_and_rerun_is_noop(tmp_path, 
 
 
 def test_sft_split_is_deterministic_and_leakage_is_reported(tmp_path, tiny_model):
-    from alignkit.data import check_leakage
     from alignkit.sft.train import SFTStageConfig, prepare_data
+
+    from alignkit.data import check_leakage
 
     rows = [{"instruction": f"Question number {i}?", "input": "", "output": f"Answer {i}."} for i in range(50)]
     rows += [{"instruction": "question NUMBER 3 ?!", "input": "", "output": "dup"}]  # normalised duplicate of #3
@@ -100,6 +101,28 @@ def test_sft_lora_merges_adapters_into_a_plain_model(tmp_path, tiny_model, share
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     changed = [n for n, p in merged.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
     assert changed, "merging the trained adapters must change some base weights"
+
+
+def test_sft_trainable_layers_trains_only_the_top_block(tmp_path, tiny_model, shared_data):
+    from alignkit.sft.train import SFTStageConfig
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.config import ConfigError, from_dict
+
+    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=3",
+               "save_steps=100", "trainable_layers=1") == 0
+    params = read_manifest(tmp_path / "sft")["notes"]["parameters"]
+    assert params["trainable_layers"] == 1 and params["trainable_parameters"] < params["total_parameters"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    before = dict(base.named_parameters())
+    after = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model").named_parameters())
+    top = f"layers.{base.config.num_hidden_layers - 1}."
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(top in k or k == "model.norm.weight" for k in changed), changed  # embeddings frozen too
+    for alternative in ({"lora": {"enabled": True}}, {"qlora": True}):  # both limit what trains
+        with pytest.raises(ConfigError, match="trainable_layers"):
+            from_dict(SFTStageConfig, {"trainable_layers": 1, **alternative})
 
 
 def test_sft_packing_trains(tmp_path, tiny_model, shared_data):

@@ -1,0 +1,107 @@
+"""The loop's index page (``<run>/index.html``) and its terminal summary of the held-out evaluation."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from alignkit.runstore import atomic_write_text, read_manifest
+
+REPORTS = [  # (stage dir, file, what it is)
+    ("sft", "manifest.json", "SFT manifest: loss before/after, held-out leakage check"),
+    ("annotate/export", "agreement/report.html", "Annotator agreement (Fleiss' kappa) and the export gate"),
+    ("annotate/export", "manifest.json", "Export manifest: pairs, drops per reason"),
+    ("reward_eval", "report.html", "Reward model: held-out accuracy, calibration, length correlation"),
+    ("dpo", "manifest.json", "DPO manifest: implicit-reward accuracy before/after"),
+    ("ppo", "manifest.json", "PPO manifest and metrics.jsonl: reward, KL, entropy per step"),
+    ("eval", "report.html", "Held-out evaluation: reward, win rates, oracle, diversity"),
+]
+
+
+HEADLINES = {
+    "sft": ["eval_loss_before", "eval_loss_after"],
+    "annotate/export": ["n_pairs", "fleiss_kappa"],
+    "reward_eval": ["accuracy", "ece", "length_spearman"],
+    "dpo": ["eval_reward_accuracy_before", "eval_reward_accuracy_after"],
+    "ppo": ["score_first", "score_last", "kl_last"],
+}
+
+
+def _headline(stage: str, m: dict) -> str:
+    metrics, parts = m.get("metrics") or {}, []
+    for key in HEADLINES.get(stage, []):
+        value = metrics.get(key)
+        if isinstance(value, dict):  # per question, e.g. fleiss_kappa
+            value = next((v for v in value.values() if isinstance(v, (int, float))), None)
+        if isinstance(value, (int, float)):
+            parts.append(f"{key} = {value:.3g}")
+    return ", ".join(parts)
+
+
+def write_index(run: Path, timings: dict[str, float] | None = None) -> Path:
+    """``<run>/index.html``: each stage's status, headline figures and a link to its report."""
+    rows = []
+    for stage, file, what in REPORTS:
+        m = read_manifest(run / stage)
+        target = run / stage / file
+        status = m.get("status", "?") if m else "not run"
+        link = f'<a href="{html.escape(f"{stage}/{file}")}">{html.escape(what)}</a>' if target.exists() else html.escape(what)
+        rows.append(f"<tr><td>{html.escape(stage)}</td><td class='{html.escape(status)}'>{html.escape(status)}</td>"
+                    f"<td>{link}</td><td>{html.escape(_headline(stage, m or {}))}</td></tr>")
+    evaluation = run / "eval" / "eval.json"
+    summary = ""
+    if evaluation.exists():
+        summary = f"<h2>Held-out evaluation</h2><pre>{html.escape(eval_summary(json.loads(evaluation.read_text())))}</pre>"
+    times = "".join(f"<li>{html.escape(k)}: {v:.0f} s</li>" for k, v in (timings or {}).items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>alignkit run {html.escape(run.name)}</title>
+<style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ddd;padding:.4em .6em;text-align:left}}
+.completed{{color:#137333}}.failed{{color:#b3261e}}.running{{color:#b06000}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style>
+</head><body><h1>alignkit run: {html.escape(run.name)}</h1>
+<p>Every stage of the loop, its status and its report. Stages are skipped when already completed;
+run the same command again to resume an interrupted run.</p>
+<table><tr><th>stage</th><th>status</th><th>report</th><th>headline</th></tr>{''.join(rows)}</table>
+{summary}{f'<h2>This invocation</h2><ul>{times}</ul>' if times else ''}</body></html>"""
+    out = run / "index.html"
+    atomic_write_text(out, page)
+    return out
+
+
+def eval_summary(result: dict) -> str:
+    """One line per model: reward, win rates against the baseline, the oracle's pass rate and
+    paired win rate (95% CIs), then whether each model beats the baseline: its win rate's whole
+    confidence interval above 0.5."""
+    def interval(d: dict | None, key: str) -> str:
+        if not d or d.get(key) is None:
+            return "-"
+        lo, hi = d.get("ci") or (None, None)
+        return f"{d[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{d[key]:.3f}"
+
+    source, base = result.get("primary_reward"), result.get("baseline")
+    lines = [f"{'model':8} {'reward':24} {'win rate vs ' + str(base):24} {'length-controlled':24} "
+             f"{'oracle pass rate':24} {'oracle win rate vs ' + str(base):24}"]
+    verdicts = []
+    for name, m in (result.get("models") or {}).items():
+        reward = (m.get("reward") or {}).get(source)
+        win = (m.get("win_rate") or {}).get(source)
+        lc = (m.get("lc_win_rate") or {}).get(source)
+        oracle = m.get("oracle") or {}
+        lines.append(f"{name:8} {interval(reward, 'mean'):24} {interval(win, 'win_rate'):24} "
+                     f"{interval(lc, 'win_rate'):24} {interval(oracle.get('pass'), 'rate'):24} "
+                     f"{interval(oracle.get('win_rate'), 'win_rate'):24}")
+        if name in ("base", base):
+            continue
+        judged = [(what, beats(d)) for what, d in (("the reward model", win), ("the oracle", oracle.get("win_rate"))) if d]
+        if judged:
+            verdicts.append(f"{name} vs {base}: " + "; ".join(f"by {what}: {v}" for what, v in judged))
+    return "\n".join(lines + ([""] + verdicts if verdicts else []))
+
+
+def beats(win: dict) -> str:
+    """'beats' when the win rate's confidence interval lies above 0.5, 'loses' when below, else 'no
+    clear difference'."""
+    lo, hi = win.get("ci") or (None, None)
+    if lo is None:
+        return "no data"
+    return "beats (CI above 0.5)" if lo > 0.5 else "loses (CI below 0.5)" if hi < 0.5 else "no clear difference (CI spans 0.5)"

@@ -1,0 +1,85 @@
+"""PPO checkpoints: ``<run>/checkpoints/step-N/`` with the trainable weights of the policy and the
+value model, the trainer state (optimisers, schedulers, KL controller, step) and every rank's RNG
+states, so that a resumed run continues exactly where the killed one was.
+
+A checkpoint is written to a temporary directory and renamed; ``trainer_state.pt`` marks a complete
+one (``alignkit.training.complete_checkpoints``), so a half-written checkpoint is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from alignkit.training import complete_checkpoints
+
+log = logging.getLogger("alignkit.ppo")
+
+PREFIX, MARKER = "step", "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    """The weights that training changes (all of them, or the LoRA adapters)."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict, what: str) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise ValueError(f"checkpoint {what}: does not match the model (missing {missing[:3]}, unexpected {unknown[:3]}); "
+                         "was it written with another config?")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def write_checkpoint(root: Path, step: int, accelerator, models: dict[str, torch.nn.Module], trainer_state: dict,
+                     keep: int) -> None:
+    """Write ``root/step-N`` atomically (every rank must call it): every rank adds its RNG state to
+    a temp directory, then rank 0 writes ``<name>.pt`` for each of ``models`` (their trainable
+    weights) and ``trainer_state.pt``, renames the directory and keeps the newest ``keep``
+    checkpoints (0: all)."""
+    final, tmp = root / f"{PREFIX}-{step:06d}", root / f".tmp-{PREFIX}-{step:06d}"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if main:
+        for name, model in models.items():
+            torch.save(trainable_state(model), tmp / f"{name}.pt")
+        torch.save(trainer_state, tmp / MARKER)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(root, PREFIX, MARKER)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("ppo: checkpoint %s", final)
+    accelerator.wait_for_everyone()

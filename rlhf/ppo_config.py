@@ -1,0 +1,103 @@
+"""The PPO stage's config: :class:`PPOConfig`, the shared training fields
+(:class:`alignkit.training.TrainingConfig`) plus PPO's own, grouped as the recipe uses them.
+
+YAML files stay flat (``configs/ppo.yaml``); every key is listed by ``alignkit align ppo --help``
+and in docs/alignment.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.rlhf.ppo_core import KL_KINDS
+
+from alignkit.config import ConfigError, doc
+from alignkit.training import LoraOptions, TrainingConfig
+
+
+@dataclass
+class PPOConfig(TrainingConfig):
+    """PPO's keys: the shared training keys (``TrainingConfig``, redeclared here only where PPO
+    changes the default or the meaning) and PPO's own."""
+
+    # shared fields, with PPO's defaults and meaning
+    model: str = doc("policy to align: the SFT stage's model directory, or any causal LM", "runs/quickstart/sft/model")
+    lora: LoraOptions = field(default_factory=LoraOptions,
+                              metadata={"help": "LoRA on the policy (the reference is then the policy with its adapter disabled)"})
+    trainable_layers: int | None = doc("train only the top N transformer blocks of the policy and of the value model "
+                                       "(embeddings and lower blocks frozen): less compute per update; null = all "
+                                       "(not with lora)", None)
+    bf16: bool | None = doc("bf16 autocast; default: on for CUDA GPUs that support it, off on CPU", None)
+    output_dir: str = doc("this stage's run directory", "runs/quickstart/ppo")
+    seed: int = doc("seed for initialisation, prompt order, minibatch shuffles and sampling", 0)
+    learning_rate: float = doc("policy learning rate (AdamW)", 3e-6)
+    save_steps: int = doc("checkpoint every N steps (a rerun resumes from the last one)", 20)
+    # inputs
+    reward_model: str | None = doc(
+        "reward model directory (the reward stage's <run>/model), scored with alignkit.scoring.RewardScorer; "
+        "set to null when reward_function is used", "runs/quickstart/reward/model")
+    reward_function: str | None = doc(
+        "a rule reward instead of a reward model: 'module:function' or 'path/file.py:function', called as "
+        "f(prompts: list[str], responses: list[str]) -> list[float] (see rlhf/rule_rewards.py)", None)
+    value_model: str | None = doc(
+        "initialises the value model (a sequence-classification model; its score head is applied per token); "
+        "default: reward_model, or, with a rule reward, the policy with a freshly initialised head", None)
+    prompts: str = doc("prompt file (any format alignkit.data.load_prompts reads), e.g. the SFT stage's "
+                       "train_prompts.jsonl", "runs/quickstart/sft/train_prompts.jsonl")
+    prompt_field: str | None = doc("field holding the prompt when it is not prompt/instruction/turns/question/text", None)
+    max_prompts: int | None = doc("use only the first N prompts (smoke runs)", None)
+    # schedule
+    total_steps: int = doc("PPO steps (one step = rollout + ppo_epochs of updates)", 100)
+    rollout_batch_size: int = doc("prompts sampled per rank per step (global batch = this x processes)", 8)
+    mini_batch_size: int = doc("samples per rank per optimiser step; must divide rollout_batch_size", 4)
+    grad_accum: int = doc("micro-batches per minibatch (gradient accumulation); must divide mini_batch_size", 1)
+    ppo_epochs: int = doc("passes over each rollout batch", 2)
+    value_learning_rate: float | None = doc("value model learning rate; default: learning_rate", None)
+    lr_schedule: str = doc("'constant' or 'linear' (decay to 0 at total_steps); stepped once per PPO step", "constant")
+    warmup_steps: int = doc("PPO steps of linear learning-rate warm-up", 0)
+    adam_eps: float = doc("AdamW epsilon (1e-5 as in N+ details)", 1e-5)
+    max_grad_norm: float = doc("clip each model's gradient norm to this", 1.0)
+    # generation
+    max_prompt_length: int = doc("prompts longer than this many tokens keep their last tokens", 256)
+    max_new_tokens: int = doc("reply length limit; a reply cut here gets the missing-EOS penalty", 64)
+    temperature: float = doc("sampling temperature (log-probs are computed with the same temperature)", 1.0)
+    top_k: int = doc("sample from the k most likely tokens (0: off)", 0)
+    top_p: float = doc("nucleus sampling mass (1.0: off)", 1.0)
+    generation_batch_size: int | None = doc("prompts per generate() call; default: the whole rollout batch", None)
+    forward_batch_size: int | None = doc("sequences per no-grad forward pass (log-probs, values); default: all", None)
+    # rewards
+    kl_coef: float = doc("beta: weight of the per-token KL penalty (initial value when adaptive)", 0.05)
+    adaptive_kl: bool = doc("adapt beta towards kl_target (Ziegler et al. 2019) instead of keeping it fixed", False)
+    kl_target: float = doc("adaptive KL: target KL per sequence (nats)", 6.0)
+    kl_horizon: float = doc("adaptive KL: horizon in samples (larger = slower adaptation)", 10000.0)
+    kl_estimator: str = doc("per-token KL estimator in the reward: k1 (log-ratio, InstructGPT), k3, abs or mse", "k1")
+    missing_eos_penalty: float | None = doc(
+        "subtracted from the score of a reply that never produced an EOS (null: no penalty)", 1.0)
+    missing_eos_replace: bool = doc("replace such a score by -missing_eos_penalty instead of subtracting", False)
+    whiten_rewards: bool = doc("scale per-token rewards to unit variance (mean kept) before GAE", False)
+    # PPO
+    gamma: float = doc("discount factor (1.0: none, usual for RLHF)", 1.0)
+    lam: float = doc("GAE lambda", 0.95)
+    clip_range: float = doc("policy ratio clip epsilon", 0.2)
+    clip_range_value: float | None = doc("value clip epsilon around the rollout's values (null: no clipping)", 0.2)
+    vf_coef: float = doc("weight of the value loss in the total loss", 0.1)
+    whiten_advantages: bool = doc("normalise advantages per rollout batch (per rank)", True)
+    # logging
+    tensorboard: bool = doc("also write metrics to <output_dir>/tensorboard", True)
+
+    def check(self) -> None:
+        """What ``__post_init__`` leaves unchecked; called before anything is written."""
+        if (self.reward_model is None) == (self.reward_function is None):
+            raise ConfigError("ppo: set exactly one of reward_model and reward_function")
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(f"ppo: mini_batch_size {self.mini_batch_size} must divide rollout_batch_size {self.rollout_batch_size}")
+        if self.mini_batch_size % self.grad_accum:
+            raise ConfigError(f"ppo: grad_accum {self.grad_accum} must divide mini_batch_size {self.mini_batch_size}")
+        if self.temperature <= 0:
+            raise ConfigError("ppo: temperature must be > 0 (PPO needs a sampling policy)")
+        if self.kl_estimator not in KL_KINDS:
+            raise ConfigError(f"ppo: kl_estimator must be one of {', '.join(KL_KINDS)}")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ConfigError("ppo: lr_schedule must be 'constant' or 'linear'")
+        if self.total_steps < 1 or self.save_steps < 1 or self.ppo_epochs < 1:
+            raise ConfigError("ppo: total_steps, save_steps and ppo_epochs must be >= 1")
