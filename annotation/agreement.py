@@ -54,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 from alignkit.annotation.agreement_measures import question_agreement
-
 from alignkit.config import ConfigError
 from alignkit.errors import AlignkitError
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 from alignkit.annotation.agreement import FLAG_MARGIN, FLAG_MIN_ITEMS
 from alignkit.annotation.agreement_measures import landis_koch
-
 from alignkit.plots import figure_png
 
 HEATMAP_MAX_ANNOTATORS = 25   # heatmaps show the annotators with the most ratings

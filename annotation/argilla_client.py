@@ -15,7 +15,6 @@ import warnings
 from typing import Any
 
 from alignkit.annotation.server import Connection
-
 from alignkit.errors import AlignkitError
 
 

@@ -112,12 +112,7 @@ def generate(cfg: GenerateConfig, force: bool = False) -> dict:
     import torch
 
     from alignkit.generation import generate_sharing_prompts
-    from alignkit.models import (
-        device_and_dtype,
-        load_causal_lm,
-        load_tokenizer,
-        resolve_model,
-    )
+    from alignkit.models import device_and_dtype, load_causal_lm, load_tokenizer, resolve_model
 
     model_path = resolve_model(cfg.model)
     out = cfg.out_path()

@@ -26,18 +26,9 @@ import dataclasses
 import importlib
 import sys
 
-from alignkit.annotation.argilla_client import (
-    ArgillaError,
-    Http,
-    _quiet,
-    add_to_workspace,
-    ensure_user,
-    remove_from_workspace,
-    sdk_client,
-    sdk_errors,
-)
+from alignkit.annotation.argilla_client import (ArgillaError, Http, _quiet, add_to_workspace, ensure_user,
+                                                remove_from_workspace, sdk_client, sdk_errors)
 from alignkit.annotation.server import ServerConfig, connect, down, status, up
-
 from alignkit.config import ConfigError, add_config_args, from_dict, merge, parse_overrides, read_yaml
 from alignkit.errors import AlignkitError
 

@@ -41,7 +41,6 @@ from typing import Callable
 
 from alignkit.annotation.argilla_client import ArgillaError, Http, _quiet, ensure_workspace, sdk_client, sdk_errors
 from alignkit.annotation.server import Connection, connect
-
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, read_records
 from alignkit.runstore import stage_run

@@ -52,9 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.annotation.datasets import TIE, DatasetConfig, content_hash, load_candidates, n_slots
-from alignkit.annotation.gate import GateError, apply_gate, raise_if_failed  # noqa: F401  (GateError: what export raises, for its callers)
+from alignkit.annotation.gate import apply_gate, raise_if_failed
 from alignkit.annotation.pull import latest, read_table
-
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import read_records
 from alignkit.runstore import stage_run, write_jsonl

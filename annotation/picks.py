@@ -9,14 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from alignkit.annotation.datasets import (
-    EMPTY_PLACEHOLDER,
-    DatasetConfig,
-    connect,
-    ensure_dataset,
-    render_prompt,
-    sdk_client,
-)
+from alignkit.annotation.argilla_client import sdk_client
+from alignkit.annotation.datasets import EMPTY_PLACEHOLDER, DatasetConfig, ensure_dataset, render_prompt
+from alignkit.annotation.server import connect
 
 
 def push_picks_to_argilla(records: list[dict], dataset_name: str, workspace: str = "alignkit", client=None) -> int:

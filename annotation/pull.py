@@ -35,7 +35,6 @@ from pathlib import Path
 from alignkit.annotation.argilla_client import Http, sdk_client, user_names
 from alignkit.annotation.datasets import DatasetConfig, get_dataset, list_records
 from alignkit.annotation.server import Connection, connect
-
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.runstore import stage_run, write_jsonl
 

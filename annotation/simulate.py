@@ -48,7 +48,6 @@ from typing import Callable
 from alignkit.annotation.argilla_client import ArgillaError, Http, ensure_user, sdk_client, user_api_key
 from alignkit.annotation.datasets import TIE, DatasetConfig, get_dataset, slot
 from alignkit.annotation.server import Connection, connect
-
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.runstore import stage_run, write_jsonl
 

@@ -21,10 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.evals import stats
-
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
+from alignkit.evals import stats
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
 
@@ -166,13 +165,7 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
     """
     import torch
 
-    from alignkit.generation import (
-        encode_prompt,
-        generate,
-        load_policy,
-        same_vocabulary,
-        sequence_logprobs,
-    )
+    from alignkit.generation import encode_prompt, generate, load_policy, same_vocabulary, sequence_logprobs
 
     ref_name = cfg.kl_reference or cfg.baseline
     order = [ref_name] + [n for n in cfg.models if n != ref_name]

@@ -10,7 +10,6 @@ import sys
 from typing import Callable
 
 from alignkit.evals.chat import HELP
-
 from alignkit.models import DEFAULT_MODEL
 
 

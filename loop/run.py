@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.annotation.cli import check_sections, verb_config
+from alignkit.config import ConfigError, add_config_args, doc, from_dict, load_config, merge
 from alignkit.evals.evaluate import EvalConfig
 from alignkit.evals.evaluate import evaluate as evaluate_models
 from alignkit.loop.index import eval_summary, write_index
+from alignkit.models import DEFAULT_MODEL
 from alignkit.reward.evaluate import RewardEvalConfig
 from alignkit.reward.evaluate import evaluate as evaluate_reward_model
 from alignkit.reward.train import RewardTrainConfig
@@ -35,12 +37,9 @@ from alignkit.rlhf.dpo import DPOStageConfig
 from alignkit.rlhf.dpo import train as train_dpo
 from alignkit.rlhf.ppo import PPOConfig
 from alignkit.rlhf.ppo import train as train_ppo
+from alignkit.runstore import read_manifest
 from alignkit.sft.train import SFTStageConfig
 from alignkit.sft.train import train as train_sft
-
-from alignkit.config import ConfigError, add_config_args, doc, from_dict, load_config, merge
-from alignkit.models import DEFAULT_MODEL
-from alignkit.runstore import read_manifest
 
 log = logging.getLogger("alignkit.run")
 

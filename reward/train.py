@@ -32,19 +32,9 @@ from alignkit.data import DataError, check_leakage, load_preferences, seeded_spl
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
 from alignkit.scoring import conversation_ids, truncate_left
-from alignkit.training import (
-    LoraOptions,
-    TrainerConfig,
-    evaluate_once,
-    even_eval_batch_size,
-    freeze_lower_layers,
-    lora_config,
-    save_trained_model,
-    tensorboard_callback,
-    train_from_last_checkpoint,
-    trainer_arguments,
-    use_bf16,
-)
+from alignkit.training import (LoraOptions, TrainerConfig, evaluate_once, even_eval_batch_size, freeze_lower_layers,
+                               lora_config, save_trained_model, tensorboard_callback, train_from_last_checkpoint,
+                               trainer_arguments, use_bf16)
 
 log = logging.getLogger("alignkit.reward")
 

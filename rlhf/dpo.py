@@ -32,22 +32,10 @@ from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run
-from alignkit.training import (
-    LoraOptions,
-    TrainerConfig,
-    evaluate_once,
-    even_eval_batch_size,
-    freeze_lower_layers,
-    lora_config,
-    qlora_config,
-    qlora_problem,
-    save_trained_model,
-    score_only_labelled_tokens_on_cpu,
-    tensorboard_callback,
-    train_from_last_checkpoint,
-    trainer_arguments,
-    use_bf16,
-)
+from alignkit.training import (LoraOptions, TrainerConfig, evaluate_once, even_eval_batch_size, freeze_lower_layers,
+                               lora_config, qlora_config, qlora_problem, save_trained_model,
+                               score_only_labelled_tokens_on_cpu, tensorboard_callback, train_from_last_checkpoint,
+                               trainer_arguments, use_bf16)
 
 log = logging.getLogger("alignkit.dpo")
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignkit.rlhf.ppo_core import KL_KINDS
-
 from alignkit.config import ConfigError, doc
+from alignkit.rlhf.ppo_core import KL_KINDS
 from alignkit.training import LoraOptions, TrainingConfig
 
 

@@ -14,12 +14,11 @@ import logging
 from pathlib import Path
 
 import torch
-from alignkit.rlhf import ppo_core as core
-
 from alignkit.data import prompt_text
 from alignkit.generation import positions_of
 from alignkit.models import match_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
+from alignkit.rlhf import ppo_core as core
 from alignkit.training import freeze_lower_layers, lora_config, save_model_atomically
 
 log = logging.getLogger("alignkit.ppo")

@@ -22,19 +22,9 @@ from alignkit.config import ConfigError, add_config_args, doc, load_config, to_d
 from alignkit.data import DEMO_DATA, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
-from alignkit.training import (
-    TrainerConfig,
-    evaluate_once,
-    freeze_lower_layers,
-    lora_config,
-    qlora_config,
-    save_trained_model,
-    score_only_labelled_tokens_on_cpu,
-    tensorboard_callback,
-    train_from_last_checkpoint,
-    trainer_arguments,
-    use_bf16,
-)
+from alignkit.training import (TrainerConfig, evaluate_once, freeze_lower_layers, lora_config, qlora_config,
+                               save_trained_model, score_only_labelled_tokens_on_cpu, tensorboard_callback,
+                               train_from_last_checkpoint, trainer_arguments, use_bf16)
 
 log = logging.getLogger("alignkit.sft")
 

@@ -9,21 +9,12 @@ from pathlib import Path
 
 import pytest
 from alignkit.annotation.cli import load_verb_config
-from alignkit.annotation.datasets import (
-    EMPTY_PLACEHOLDER,
-    DatasetConfig,
-    build_record,
-    load_candidates,
-    permutation,
-    question_names,
-    record_id,
-    slot,
-)
+from alignkit.annotation.datasets import (EMPTY_PLACEHOLDER, DatasetConfig, build_record, load_candidates, permutation,
+                                          question_names, record_id, slot)
 from alignkit.annotation.export import ExportConfig, export
 from alignkit.annotation.gate import GateError
 from alignkit.annotation.pull import latest, read_table, response_value
 from alignkit.annotation.simulate import Annotator, decide, oracle_judge
-
 from alignkit.config import ConfigError
 from alignkit.data import load_preferences
 

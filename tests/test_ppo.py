@@ -25,9 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
-
 from alignkit.config import ConfigError, from_dict
+from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
 from alignkit.runstore import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,12 +9,11 @@ import random
 
 import pytest
 import torch
-from alignkit.reward.evaluate import RewardEvalConfig, evaluate
-from alignkit.reward.train import RewardTrainConfig, prepare_data, train
-
 from alignkit.cli import main as cli_main
 from alignkit.config import ConfigError
 from alignkit.data import DataError
+from alignkit.reward.evaluate import RewardEvalConfig, evaluate
+from alignkit.reward.train import RewardTrainConfig, prepare_data, train
 from alignkit.runstore import read_manifest
 from alignkit.scoring import RewardScorer
 from alignkit.stats import wilson_interval
