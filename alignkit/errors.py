@@ -10,3 +10,14 @@ from __future__ import annotations
 
 class AlignkitError(Exception):
     exit_code = 2  # bad config or data, unless a subclass says otherwise
+
+
+class TrainingDivergedError(AlignkitError):
+    """Training went wrong in a way the user can fix: a loss that is NaN or infinite, or a run that
+    trained zero optimiser steps. The stage's manifest then says ``failed``."""
+
+
+class RunLockedError(AlignkitError):
+    """Another process holds the stage directory's lock: one run per stage directory at a time."""
+
+    exit_code = 1

@@ -9,8 +9,10 @@ over partial outputs. A completed stage with the same config and inputs is skipp
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -24,7 +26,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from alignkit.errors import RunLockedError
+
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # flock'ed for the whole of a run (main process), holding the holder's PID; not hashed
 TRACKED_LIBRARIES = ("alignkit", "torch", "transformers", "trl", "datasets", "peft", "accelerate", "argilla")
 # Config keys whose values must never reach a manifest, log or report.
 # Matched against whole key names ("hf_token", "ARGILLA_API_KEY"), not inside them ("max_new_tokens").
@@ -47,8 +52,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-Infinity) replaced by None, in dicts, lists and
+    tuples: ``json.dumps`` would write them as ``NaN``/``Infinity``, which strict JSON readers reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Write ``obj`` as strict JSON (non-finite floats become null; ``allow_nan=False`` guards the rest)."""
+    atomic_write_text(path, json.dumps(finite_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: Path, rows) -> None:
@@ -62,6 +80,8 @@ def hash_path(path: Path) -> str:
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for p in files:
+        if path.is_dir() and p.name == LOCK:
+            continue  # a run's lock file changes with every run; it is not content
         if path.is_dir():
             h.update(str(p.relative_to(path)).encode())
         with open(p, "rb") as f:
@@ -77,6 +97,29 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with its secrets masked: the value of a ``KEY=VALUE`` argument whose last key
+    component is secret-looking (``annotate.common.password=X``, ``api_key=X``), of a ``--flag=X`` and of
+    the argument after a ``--flag`` (``--password X``, ``--api-key X``). Same rule as :func:`redact`'s
+    for dict keys, with dashes read as underscores."""
+    def secret(name: str) -> bool:
+        return bool(SECRET_KEY_PATTERN.search(name.lstrip("-").rsplit(".", 1)[-1].replace("-", "_")))
+
+    out, mask_next = [], False
+    for arg in map(str, argv):
+        if mask_next:
+            out.append("***")
+            mask_next = False
+        elif "=" in arg and secret(arg.split("=", 1)[0]):
+            out.append(arg.split("=", 1)[0] + "=***")
+        elif arg.startswith("--") and secret(arg):
+            out.append(arg)
+            mask_next = True
+        else:
+            out.append(arg)
+    return out
 
 
 def library_versions() -> dict[str, str]:
@@ -156,7 +199,7 @@ class StageRun:
             "metrics": self.metrics,
             "notes": self.notes,
             "versions": library_versions(),
-            "command": redact(sys.argv),
+            "command": redact_argv(sys.argv),
             "started_at": self.started_at,
             "ended_at": _now() if status != "running" else None,
         }
@@ -200,19 +243,51 @@ def stage_run(
     """
     out_dir = Path(out_dir)
     run = StageRun(stage=stage, dir=out_dir, config=config, inputs=describe_inputs(inputs), forced=force)
-    run.previous = read_manifest(out_dir)
-    if run.previous and run.previous.get("status") == "completed" and run._same_as(run.previous) and not force:
-        run.skipped = True
-        run.outputs, run.metrics = run.previous.get("outputs", {}), run.previous.get("metrics", {})
-        yield run
+    with run_lock(out_dir):
+        run.previous = read_manifest(out_dir)
+        if run.previous and run.previous.get("status") == "completed" and run._same_as(run.previous) and not force:
+            run.skipped = True
+            run.outputs, run.metrics = run.previous.get("outputs", {}), run.previous.get("metrics", {})
+            yield run
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run.started_at = _now()
+        run.write("running")
+        try:
+            yield run
+        except BaseException as exc:
+            kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+            run.write("failed", error=f"{kind}: {exc}\n" + "".join(traceback.format_exc(limit=5)))
+            raise
+        run.write("completed")
+
+
+@contextmanager
+def run_lock(stage_dir: Path) -> Iterator[None]:
+    """Hold ``<stage_dir>/.lock`` (an advisory ``flock``) for the ``with`` block, so two runs never
+    share a stage directory; raise :class:`RunLockedError`, naming the holder's PID, when another run
+    holds it. Main process only: under torchrun/accelerate the other ranks belong to rank 0's run.
+    The file stays (removing it would race with a process about to lock it); the lock goes with the
+    file descriptor, so a killed run never leaves it held."""
+    if not is_main_process():
+        yield
         return
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run.started_at = _now()
-    run.write("running")
+    stage_dir = Path(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(stage_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        yield run
-    except BaseException as exc:
-        kind = "interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
-        run.write("failed", error=f"{kind}: {exc}\n" + "".join(traceback.format_exc(limit=5)))
-        raise
-    run.write("completed")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunLockedError(f"{stage_dir}: another run is using this stage directory (PID {holder}); "
+                                 f"wait for it to end, or give this run another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

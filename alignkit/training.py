@@ -17,12 +17,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import ConfigError, doc
+from alignkit.errors import TrainingDivergedError
+
+DIVERGED_HINT = "lower learning_rate, or check the data for NaN or huge values (e.g. NaN margins)"
 
 
 @dataclass
@@ -107,6 +111,9 @@ def trainer_arguments(cfg: TrainerConfig, out: Path, bf16: bool, eval_batch_size
         gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps, report_to="none",
+        # log a NaN/inf loss as it is (transformers would log the window's mean of the finite ones),
+        # so that stop_on_non_finite_loss sees it and the stage fails instead of saving NaN weights
+        logging_nan_inf_filter=False,
         bf16=bf16, gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=not torch.cuda.is_available(),
         max_length=cfg.max_length, dataset_num_proc=None, dataloader_num_workers=0,
     )
@@ -139,7 +146,36 @@ def train_from_last_checkpoint(trainer, run, stage: str):
     if checkpoint:
         logging.getLogger(f"alignkit.{stage}").info("%s: resuming from %s", stage, checkpoint)
         run.notes["resumed_from"] = str(checkpoint)
-    return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if result.global_step == 0:
+        # transformers returns normally from a run with no steps (epochs=0, no data): the stage would
+        # then save the untrained model and call itself completed
+        raise TrainingDivergedError(
+            f"{stage}: training ran zero optimiser steps (max_steps={trainer.args.max_steps}, "
+            f"epochs={trainer.args.num_train_epochs}): set max_steps > 0, or max_steps=-1 with epochs > 0")
+    return result
+
+
+def check_finite(stage: str, step: int, metrics: dict, keys) -> None:
+    """Raise :class:`TrainingDivergedError` when one of ``keys`` in ``metrics`` is a number that is
+    not finite (NaN, +-inf): the weights are then broken, and the run must not end ``completed``."""
+    for key in keys:
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise TrainingDivergedError(f"{stage}: training diverged at step {step}: {key} = {value}; {DIVERGED_HINT}")
+
+
+def stop_on_non_finite_loss(stage: str):
+    """A transformers callback (``StopOnNonFiniteLoss``) that stops a TRL stage as soon as a logged
+    ``loss`` or ``eval_loss`` is NaN or infinite, raising :class:`TrainingDivergedError` (the run's
+    manifest then says ``failed``). Without it, transformers trains on and saves NaN weights."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            check_finite(stage, state.global_step, logs or {}, ("loss", "eval_loss"))
+
+    return StopOnNonFiniteLoss()
 
 
 def evaluate_once(trainer, path: Path) -> dict:

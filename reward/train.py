@@ -33,8 +33,8 @@ from alignkit.models import load_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
 from alignkit.scoring import conversation_ids, truncate_left
 from alignkit.training import (LoraOptions, TrainerConfig, evaluate_once, even_eval_batch_size, freeze_lower_layers,
-                               lora_config, save_trained_model, tensorboard_callback, train_from_last_checkpoint,
-                               trainer_arguments, use_bf16)
+                               lora_config, save_trained_model, stop_on_non_finite_loss, tensorboard_callback,
+                               train_from_last_checkpoint, trainer_arguments, use_bf16)
 
 log = logging.getLogger("alignkit.reward")
 
@@ -314,7 +314,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
             data_collator=_AspectCollator(collator) if aspects else collator,
             train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if has_eval else None,
-            callbacks=[tensorboard_callback(out / "tensorboard")],
+            callbacks=[tensorboard_callback(out / "tensorboard"), stop_on_non_finite_loss("reward")],
         )
         trainer.aspect_loss_weight = cfg.aspect_loss_weight
         # Our length policy ran first, so TRL's silent length filter must have dropped nothing.

@@ -60,7 +60,7 @@ from alignkit.rlhf.ppo_config import PPOConfig
 from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, chunks, generation_config_of,
                                       response_logprobs, response_values, save_policy)
 from alignkit.runstore import atomic_write_text, stage_run
-from alignkit.training import latest_checkpoint, use_bf16
+from alignkit.training import check_finite, latest_checkpoint, use_bf16
 
 log = logging.getLogger("alignkit.ppo")
 
@@ -242,7 +242,8 @@ class PPORecipe:
             stats = self.update(step, rollout)
             metrics = self.metrics(step, rollout, stats, t_step)
             self.kl_ctl.update(metrics["kl"], cfg.rollout_batch_size * self.world)
-            self.log(metrics)
+            self.log(metrics)  # first, so metrics.jsonl shows the step that diverged
+            check_finite("ppo", step, metrics, ("pg_loss", "vf_loss", "score"))
             if step % cfg.save_steps == 0 and step < cfg.total_steps:
                 self.save_checkpoint(step)
         if self.writer is not None:
