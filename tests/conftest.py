@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real models built once per session, paths to the shared real data."""
+"""Shared fixtures: tiny real models built once per session, the real data the repository carries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+REAL_DATA = ROOT / "tests" / "data"  # subsets carried in the repository: see its README
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
@@ -16,10 +16,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.fail(f"shared data not found at {SHARED_DATA}: tests expect the project's shared/ beside the checkout")
-    return SHARED_DATA
+def real_data() -> Path:
+    return REAL_DATA
 
 
 @pytest.fixture(scope="session")

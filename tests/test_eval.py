@@ -63,21 +63,21 @@ def run_eval(out: Path, assets, prompts, *extra: str) -> int:
 
 SHAPES = {
     "mt_bench": lambda d, a: d / "mt_bench" / "question.jsonl",
-    "self_instruct": lambda d, a: d / "self_instruct" / "user_oriented_instructions.jsonl",
-    "oasst_strings": lambda d, a: d / "oasst_prompts" / "prompt_lottery_en_250_text.jsonl",
+    "self_instruct": lambda d, a: d / "self_instruct" / "user_oriented_instructions_60.jsonl",
+    "oasst_strings": lambda d, a: d / "oasst_prompts" / "prompt_lottery_en_60_text.jsonl",
     "heldout": lambda d, a: a["heldout"],  # an SFT run dir stands for its heldout_prompts.jsonl
 }
 
 
 @pytest.fixture(scope="module")
-def evals(assets, shared_data, tmp_path_factory):
+def evals(assets, real_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("evals")
     out = {}
     for shape, source in SHAPES.items():
         extra = [f"reward_function={assets['rule']}"]
         if shape in ("mt_bench", "heldout"):
             extra.append(f"reward_model={assets['reward']}")
-        assert run_eval(root / shape, assets, source(shared_data, assets), *extra) == 0, shape
+        assert run_eval(root / shape, assets, source(real_data, assets), *extra) == 0, shape
         out[shape] = root / shape
     return out
 
@@ -201,10 +201,10 @@ def test_report_escapes_text(tmp_path):
     assert "<script>alert" not in page and "&lt;script&gt;" in page and "&lt;/pre&gt;&lt;b&gt;" in page
 
 
-def test_same_model_twice_gets_identical_replies_and_rerun_is_a_noop(assets, shared_data, tmp_path):
+def test_same_model_twice_gets_identical_replies_and_rerun_is_a_noop(assets, real_data, tmp_path):
     """Fixed seeds per model: the same model under two names writes the same replies, so it
     ties with itself (win rate 0.5) and its KL to itself is exactly 0."""
-    prompts = shared_data / "mt_bench" / "question.jsonl"
+    prompts = real_data / "mt_bench" / "question.jsonl"
     args = ["eval", f"models={{sft: {assets['first']}, copy: {assets['first']}}}", "baseline=sft",
             f"prompts={prompts}", f"output_dir={tmp_path / 'e'}", f"reward_function={assets['rule']}", *FAST]
     assert main(args) == 0
@@ -253,7 +253,7 @@ def test_several_replies_per_prompt(assets, tmp_path, capsys):
     assert code == 2 and "samples_per_prompt > 1 needs do_sample: true" in capsys.readouterr().err
 
 
-def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, shared_data):
+def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, real_data):
     from alignkit.data import load_prompts
     from alignkit.generation import generate, load_policy, sequence_logprobs
 
@@ -262,7 +262,7 @@ def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, shared_da
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.mul_(3)
-    prompts = [p["prompt"] for p in load_prompts(shared_data / "mt_bench" / "question.jsonl")[:8]]
+    prompts = [p["prompt"] for p in load_prompts(real_data / "mt_bench" / "question.jsonl")[:8]]
     batched = generate(model, tok, prompts, max_new_tokens=12, batch_size=4)
     single = generate(model, tok, prompts, max_new_tokens=12, batch_size=1)
     assert len({tuple(r) for r in batched.response_ids}) > 2  # not one degenerate reply for all
@@ -282,7 +282,7 @@ def test_greedy_left_padded_batches_match_one_prompt_at_a_time(assets, shared_da
     assert c.logprobs == pytest.approx(forced, abs=1e-3) and all(lp < 0 for lp in forced)
 
 
-def test_prompts_read_once_give_the_replies_of_plain_generate(assets, shared_data):
+def test_prompts_read_once_give_the_replies_of_plain_generate(assets, real_data):
     """k sampled replies per prompt from one pass over each left-padded prompt and a repeated
     cache: the same replies and logits as transformers' own expansion (k passes), same seed."""
     from transformers import GenerationConfig
@@ -300,7 +300,7 @@ def test_prompts_read_once_give_the_replies_of_plain_generate(assets, shared_dat
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.mul_(3)
-    prompts = [p["prompt"] for p in load_prompts(shared_data / "mt_bench" / "question.jsonl")[:4]]
+    prompts = [p["prompt"] for p in load_prompts(real_data / "mt_bench" / "question.jsonl")[:4]]
     ids, mask = left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
     assert len(set(mask.sum(1).tolist())) > 1  # prompts of different lengths: real left padding
     config = GenerationConfig(max_new_tokens=8, do_sample=True, num_return_sequences=3, pad_token_id=tok.pad_token_id,
@@ -317,14 +317,14 @@ def test_prompts_read_once_give_the_replies_of_plain_generate(assets, shared_dat
     assert config.num_return_sequences == 3  # the caller's config is left as it was
 
 
-def test_sequence_logprobs_sharing_prompts_equal_one_sequence_at_a_time(assets, shared_data):
+def test_sequence_logprobs_sharing_prompts_equal_one_sequence_at_a_time(assets, real_data):
     """Teacher forcing with each prompt read once (consecutive replies of one prompt share its
     cache) against the definition: one unpadded sequence at a time, log-softmax summed over the reply."""
     from alignkit.data import load_prompts
     from alignkit.generation import encode_prompt, load_policy, sequence_logprobs
 
     model, tok = load_policy(str(assets["second"]))
-    prompts = [encode_prompt(tok, p["prompt"]) for p in load_prompts(shared_data / "mt_bench" / "question.jsonl")[:3]]
+    prompts = [encode_prompt(tok, p["prompt"]) for p in load_prompts(real_data / "mt_bench" / "question.jsonl")[:3]]
     assert len({len(p) for p in prompts}) == 3
     g = torch.Generator().manual_seed(0)
     replies = [torch.randint(5, 100, (n,), generator=g).tolist() for n in (5, 1, 7, 3, 0, 6, 2, 4)]
@@ -341,8 +341,8 @@ def test_sequence_logprobs_sharing_prompts_equal_one_sequence_at_a_time(assets, 
     assert got[4] == 0.0 and all(v < 0 for i, v in enumerate(got) if i != 4)
 
 
-def test_missing_model_dir_is_a_clear_error(assets, shared_data, tmp_path, capsys):
-    prompts = shared_data / "mt_bench" / "question.jsonl"
+def test_missing_model_dir_is_a_clear_error(assets, real_data, tmp_path, capsys):
+    prompts = real_data / "mt_bench" / "question.jsonl"
     code = main(["eval", f"models={{sft: {assets['first']}, dpo: {tmp_path / 'runs' / 'dpo' / 'model'}}}",
                  f"prompts={prompts}", f"output_dir={tmp_path / 'e'}", *FAST])
     assert code == 2

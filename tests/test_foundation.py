@@ -70,7 +70,7 @@ def test_hub_name_without_hub_is_a_clear_error():
         load_sft_examples("someone/no-such-dataset")
 
 
-def test_hh_rlhf_transcripts_split_into_prompt_and_final_replies(shared_data):
+def test_hh_rlhf_transcripts_split_into_prompt_and_final_replies(real_data):
     c = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: Why did the chicken..."
     r = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Tell me a joke\n\nAssistant: No."
     prompt, chosen, rejected = split_hh_pair(c, r)
@@ -78,8 +78,8 @@ def test_hh_rlhf_transcripts_split_into_prompt_and_final_replies(shared_data):
     assert chosen == "Why did the chicken..." and rejected == "No."
     with pytest.raises(ValueError):
         parse_hh_transcript("no markers here")
-    data = load_preferences(shared_data / "hh_rlhf_harmless" / "test.jsonl.gz")
-    assert data.format == "hh-rlhf" and len(data.pairs) + sum(data.dropped.values()) == 2312
+    data = load_preferences(real_data / "hh_rlhf_harmless" / "test_200.jsonl.gz")
+    assert data.format == "hh-rlhf" and len(data.pairs) + sum(data.dropped.values()) == 200
     assert all(p["prompt"][-1]["role"] == "user" for p in data.pairs)
 
 
@@ -103,13 +103,13 @@ def test_preference_formats_and_bad_pairs(tmp_path):
         load_preferences(missing)
 
 
-def test_prompt_files_of_every_shape(shared_data, tmp_path):
-    mt = load_prompts(shared_data / "mt_bench" / "question.jsonl")
+def test_prompt_files_of_every_shape(real_data, tmp_path):
+    mt = load_prompts(real_data / "mt_bench" / "question.jsonl")
     assert len(mt) == 80 and len(mt[0]["turns"]) == 2 and mt[0]["id"] == "81"
-    si = load_prompts(shared_data / "self_instruct" / "user_oriented_instructions.jsonl")
-    assert len(si) == 252 and si[0]["prompt"][0]["content"]
-    oa = load_prompts(shared_data / "oasst_prompts" / "prompt_lottery_en_250_text.jsonl")
-    assert len(oa) == 263 and isinstance(oa[0]["prompt"][0]["content"], str)
+    si = load_prompts(real_data / "self_instruct" / "user_oriented_instructions_60.jsonl")
+    assert len(si) == 60 and si[0]["prompt"][0]["content"]
+    oa = load_prompts(real_data / "oasst_prompts" / "prompt_lottery_en_60_text.jsonl")
+    assert len(oa) == 60 and isinstance(oa[0]["prompt"][0]["content"], str)
     custom = write(tmp_path, "c.jsonl", json.dumps({"query": "What?"}))
     assert load_prompts(custom, field="query")[0]["prompt"][0]["content"] == "What?"
     with pytest.raises(DataError, match="prompt"):

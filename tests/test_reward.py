@@ -192,8 +192,8 @@ def test_malformed_pairs(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_hh_rlhf_train_and_eval_end_to_end(tiny_model, shared_data, tmp_path):
-    lines = gzip.open(shared_data / "hh_rlhf_harmless" / "test.jsonl.gz", "rt", encoding="utf-8").read().splitlines()
+def test_hh_rlhf_train_and_eval_end_to_end(tiny_model, real_data, tmp_path):
+    lines = gzip.open(real_data / "hh_rlhf_harmless" / "test_200.jsonl.gz", "rt", encoding="utf-8").read().splitlines()
     subset = tmp_path / "hh200.jsonl"
     subset.write_text("\n".join(lines[:200]) + "\n")
     run, ev = tmp_path / "reward", tmp_path / "reward_eval"

@@ -25,8 +25,8 @@ def sft(tmp_path: Path, model: Path, data: Path | str, *extra: str, out: str = "
     return main(["sft", f"model={model}", f"data={data}", f"output_dir={tmp_path / out}", *FAST, *extra])
 
 
-def test_sft_on_alpaca_libre_lowers_validation_loss_and_rerun_is_noop(tmp_path, tiny_model, shared_data):
-    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+def test_sft_on_alpaca_libre_lowers_validation_loss_and_rerun_is_noop(tmp_path, tiny_model, real_data):
+    data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
     assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=240", "max_steps=30",
                "save_steps=15", "val_fraction=0.1", "heldout_fraction=0.1") == 0
     m = read_manifest(tmp_path / "sft")
@@ -89,8 +89,8 @@ def test_malformed_input_names_line_and_field_and_writes_nothing(tmp_path, tiny_
     assert not (tmp_path / "sft").exists(), "a failed input check must leave no run directory"
 
 
-def test_sft_lora_merges_adapters_into_a_plain_model(tmp_path, tiny_model, shared_data):
-    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+def test_sft_lora_merges_adapters_into_a_plain_model(tmp_path, tiny_model, real_data):
+    data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
     assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=4",
                "save_steps=100", "lora.enabled=true", "lora.r=4", "lora.alpha=8") == 0
     model_dir = tmp_path / "sft" / "model"
@@ -103,13 +103,13 @@ def test_sft_lora_merges_adapters_into_a_plain_model(tmp_path, tiny_model, share
     assert changed, "merging the trained adapters must change some base weights"
 
 
-def test_sft_trainable_layers_trains_only_the_top_block(tmp_path, tiny_model, shared_data):
+def test_sft_trainable_layers_trains_only_the_top_block(tmp_path, tiny_model, real_data):
     from alignkit.sft.train import SFTStageConfig
     from transformers import AutoModelForCausalLM
 
     from alignkit.config import ConfigError, from_dict
 
-    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
     assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=3",
                "save_steps=100", "trainable_layers=1") == 0
     params = read_manifest(tmp_path / "sft")["notes"]["parameters"]
@@ -125,17 +125,17 @@ def test_sft_trainable_layers_trains_only_the_top_block(tmp_path, tiny_model, sh
             from_dict(SFTStageConfig, {"trainable_layers": 1, **alternative})
 
 
-def test_sft_packing_trains(tmp_path, tiny_model, shared_data):
-    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+def test_sft_packing_trains(tmp_path, tiny_model, real_data):
+    data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
     assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=3",
                "save_steps=100", "packing=true") == 0
     assert read_manifest(tmp_path / "sft")["status"] == "completed"
 
 
-def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model, shared_data):
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model, real_data):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the CPU error path does not apply")
-    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+    data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=20", "max_steps=1", "qlora=true")
     assert read_manifest(tmp_path / "sft")["status"] == "failed"
@@ -145,8 +145,8 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "alignkit.cli", *args]
 
 
-def test_killed_sft_resumes_from_its_checkpoint(tmp_path, tiny_model, shared_data):
-    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+def test_killed_sft_resumes_from_its_checkpoint(tmp_path, tiny_model, real_data):
+    data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
     args = ["sft", f"model={tiny_model}", f"data={data}", f"output_dir={tmp_path / 'sft'}", *FAST,
             "on_bad_record=drop", "max_examples=200", "max_steps=120", "save_steps=4", "batch_size=2",
             "save_total_limit=3"]
@@ -177,8 +177,8 @@ def test_killed_sft_resumes_from_its_checkpoint(tmp_path, tiny_model, shared_dat
     assert m["metrics"]["global_step"] == 8 and "resumed_from" not in m["notes"]
 
 
-def test_two_cpu_processes_train_on_different_data(tmp_path, tiny_model, shared_data):
-    data = shared_data / "alpaca_libre" / "alpaca_libre_ok.json"
+def test_two_cpu_processes_train_on_different_data(tmp_path, tiny_model, real_data):
+    data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "alignkit.cli", "sft", f"model={tiny_model}", f"data={data}", f"output_dir={tmp_path / 'sft'}",
