@@ -177,8 +177,32 @@ def detect_sft_format(rec: dict) -> str:
     return "alpaca"  # the documented default: errors then name the missing Alpaca fields
 
 
+DATA_SPLITS = ("train", "validation", "test")
+
+
+def _protocol_fields(rec: dict, path, line) -> dict:
+    """A record's own split (train / validation / test), evaluation slice and checkable
+    constraint, kept beside the example when present (the demo data carry all three)."""
+    out = {}
+    if "split" in rec:
+        if rec["split"] not in DATA_SPLITS:
+            raise DataError(path, line, "split", f"expected one of {', '.join(DATA_SPLITS)}, got {rec['split']!r}")
+        out["split"] = rec["split"]
+    if "slice" in rec:
+        out["slice"] = _require_text(rec, "slice", path, line)
+    if isinstance(rec.get("constraint"), dict):
+        out["constraint"] = rec["constraint"]
+    return out
+
+
 def sft_example(rec: Any, fmt: str, path, line) -> dict:
+    """One record as ``{"prompt", "completion"}`` chat messages, plus its ``split``, ``slice`` and
+    ``constraint`` when the record has them."""
     rec = _require_dict(rec, path, line)
+    return {**_sft_messages(rec, fmt, path, line), **_protocol_fields(rec, path, line)}
+
+
+def _sft_messages(rec: dict, fmt: str, path, line) -> dict:
     if fmt == "auto":
         fmt = detect_sft_format(rec)
     if fmt == "alpaca":

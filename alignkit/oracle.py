@@ -49,6 +49,7 @@ from typing import Any, Iterable
 __all__ = [
     "CONSTRAINT_TYPES",
     "TEMPLATES",
+    "HELDOUT_TEMPLATES",
     "constraint_score",
     "passes",
     "find_constraint",
@@ -402,29 +403,69 @@ TEMPLATES: dict[str, list[str]] = {
     ],
 }
 
+# Phrasings that only the demo's test prompts use (never a training or validation prompt), so the
+# evaluation can tell a model that learnt the constraint from one that learnt the wording.
+HELDOUT_TEMPLATES: dict[str, list[str]] = {
+    "max_words": [
+        "Do not go over {n} words.",
+        "Stay within {n} words.",
+    ],
+    "lowercase": [
+        "Avoid capital letters entirely.",
+        "Type everything in small letters.",
+    ],
+    "bullets": [
+        'Reply as a dash list of exactly {n} items, one per line beginning with "- ".',
+        'List {n} points, each on a new line that starts with "- ", with no other text.',
+    ],
+    "starts_with": [
+        'Open your reply with "{phrase}"',
+        'The first words of your answer should be "{phrase}"',
+    ],
+    "ends_with": [
+        'Close your response with "{phrase}"',
+        'The last words of your answer should be "{phrase}"',
+    ],
+    "include_keyword": [
+        'Work the word "{keyword}" into your reply.',
+        'Somewhere in your answer, use the term "{keyword}".',
+    ],
+}
+
 _PATTERNS: list[tuple[str, re.Pattern]] = [
     ("max_words", re.compile(r"\b(?:at\s+most|no\s+more\s+than|not\s+more\s+than|up\s+to|a\s+maximum\s+of|maximum)\s+"
                              + _NUM + r"\s+words?\b", re.I)),
     ("max_words", re.compile(r"\b" + _NUM + r"\s+words?\s+or\s+(?:fewer|less)\b", re.I)),
+    ("max_words", re.compile(r"\b(?:(?:do\s+not|don't|never)\s+(?:go\s+over|exceed)|stay\s+(?:within|under)|limit\s+\w+\s+to)\s+"
+                             + _NUM + r"\s+words?\b", re.I)),
     ("lowercase", re.compile(r"\b(?:all\s+)?lower[\s-]?case\b|\bno\s+capital(?:\s+letter)?s\b"
-                             r"|\b(?:do\s+not|don't)\s+use\s+(?:any\s+)?capital(?:\s+letter)?s\b", re.I)),
+                             r"|\b(?:do\s+not|don't)\s+use\s+(?:any\s+)?capital(?:\s+letter)?s\b"
+                             r"|\bavoid\s+(?:any\s+|all\s+)?capital(?:\s+letter)?s\b|\bin\s+small\s+letters\b", re.I)),
     ("bullets", re.compile(r"\b(?:exactly\s+)?" + _NUM + r"\s+bullet(?:\s+point)?s?\b", re.I)),
+    ("bullets", re.compile(r"\b(?:exactly\s+)?" + _NUM + r"\s+(?:items|points|lines)\b[^.]*?" + _Q + r"- " + _UQ, re.I)),
     ("starts_with", re.compile(r"\b(?:start|begin)s?\s+(?:with\s+)?" + _REPLY + r"\s+with\s+" + _LEAD + _Q + r"(.+?)" + _UQ, re.I)),
     ("starts_with", re.compile(_REPLY + r"\s+(?:must|should)\s+(?:start|begin)\s+with\s+" + _LEAD + _Q + r"(.+?)" + _UQ, re.I)),
+    ("starts_with", re.compile(r"\bopens?\s+" + _REPLY + r"\s+with\s+" + _LEAD + _Q + r"(.+?)" + _UQ
+                               + r"|\bfirst\s+words?\s+of\s+" + _REPLY + r"\s+(?:must|should)\s+be\s+" + _Q + r"(.+?)" + _UQ, re.I)),
     ("ends_with", re.compile(r"\b(?:end|finish|close|conclude)s?\s+" + _REPLY + r"\s+with\s+" + _LEAD + _Q + r"(.+?)" + _UQ, re.I)),
     ("ends_with", re.compile(_REPLY + r"\s+(?:must|should)\s+(?:end|finish|close)\s+with\s+" + _LEAD + _Q + r"(.+?)" + _UQ, re.I)),
+    ("ends_with", re.compile(r"\blast\s+words?\s+of\s+" + _REPLY + r"\s+(?:must|should)\s+be\s+" + _Q + r"(.+?)" + _UQ, re.I)),
     ("include_keyword", re.compile(r"\b(?:include|use|mention|contain)s?\s+the\s+(?:key)?(?:word|term)\s+"
                                    + r"[\"\u201c'\u2018](.+?)[\"\u201d'\u2019]", re.I)),
+    ("include_keyword", re.compile(r"\bwork\s+the\s+(?:key)?(?:word|term)\s+[\"\u201c'\u2018](.+?)[\"\u201d'\u2019]\s+into\b"
+                                   r"|\bsomewhere\s+in\s+(?:your\s+|the\s+)?(?:answer|reply|response),?\s+(?:use|say|include)\s+"
+                                   r"the\s+(?:key)?(?:word|term)\s+[\"\u201c'\u2018](.+?)[\"\u201d'\u2019]", re.I)),
 ]
 
 
-def describe_constraint(constraint: dict, variant: int = 0) -> str:
+def describe_constraint(constraint: dict, variant: int = 0, held_out: bool = False) -> str:
     """The constraint as a plain-words sentence (``variant`` picks one of the phrasings in
-    :data:`TEMPLATES`, modulo their number). :func:`find_constraint` parses every phrasing back:
-    ``find_constraint(describe_constraint(c, v)) == c``. Phrases are quoted verbatim, so a
+    :data:`TEMPLATES`, or in :data:`HELDOUT_TEMPLATES` with ``held_out``, modulo their number).
+    :func:`find_constraint` parses every phrasing back:
+    ``find_constraint(describe_constraint(c, v, h)) == c``. Phrases are quoted verbatim, so a
     ``starts_with``/``ends_with`` sentence carries no period of its own."""
     validate_constraint(constraint)
-    options = TEMPLATES[constraint["type"]]
+    options = (HELDOUT_TEMPLATES if held_out else TEMPLATES)[constraint["type"]]
     return options[variant % len(options)].format(**{k: v for k, v in constraint.items() if k != "type"})
 
 
@@ -438,6 +479,11 @@ def _prompt_str(prompt: str | Iterable) -> str:
         elif isinstance(m, str):
             parts.append(m)
     return "\n\n".join(parts)
+
+
+def _first_group(m: re.Match) -> str:
+    """The captured text of whichever alternative of a pattern matched."""
+    return next(g for g in m.groups() if g is not None).strip()
 
 
 def find_constraint(prompt_text: str | list) -> dict | None:
@@ -469,9 +515,9 @@ def find_constraint(prompt_text: str | list) -> dict | None:
         elif ctype == "lowercase":
             c = {"type": ctype}
         elif ctype == "include_keyword":
-            c = {"type": ctype, "keyword": m.group(1).strip()}
+            c = {"type": ctype, "keyword": _first_group(m)}
         else:
-            c = {"type": ctype, "phrase": m.group(1).strip()}
+            c = {"type": ctype, "phrase": _first_group(m)}
         try:
             validate_constraint(c)
         except ValueError:

@@ -38,7 +38,7 @@ class GenerateConfig:
                      "runs/quickstart/sft/model")
     prompts: str = doc("a prompt file (JSONL/JSON: prompt, instruction, turns or messages records) or an SFT "
                        "run dir (its heldout_prompts.jsonl / train_prompts.jsonl are read)", "runs/quickstart/sft")
-    prompts_split: str = doc("for an SFT run dir: train (default), heldout or both; held-out prompts are kept for evaluation, so preference data from them leaks into the models it evaluates", "train")
+    prompts_split: str = doc("for an SFT run dir: train (default), validation, heldout or both (train and heldout); held-out prompts are the test set kept for the final evaluation, so preference data from them leaks into the models it evaluates", "train")
     max_prompts: int | None = doc("use only the first N prompts (smoke runs)", None)
     k: int = doc("responses sampled per prompt (binary uses 2; ranking shows all k)", 2)
     max_new_tokens: int = doc("tokens generated per response at most", 64)
@@ -69,8 +69,8 @@ def load_candidate_prompts(source: str, split: str = "train", max_prompts: int |
     path = Path(source)
     files: list[tuple[str, Path]] = []
     if path.is_dir() and ((path / "heldout_prompts.jsonl").exists() or (path / "train_prompts.jsonl").exists()):
-        if split not in ("heldout", "train", "both"):
-            raise DataError(source, None, "prompts_split", f"expected heldout, train or both, got {split!r}")
+        if split not in ("heldout", "train", "validation", "both"):
+            raise DataError(source, None, "prompts_split", f"expected train, validation, heldout or both, got {split!r}")
         for name in (("heldout", "train") if split == "both" else (split,)):
             f = path / f"{name}_prompts.jsonl"
             if f.exists() and f.stat().st_size > 0:

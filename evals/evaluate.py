@@ -123,6 +123,8 @@ def load_eval_prompts(cfg: EvalConfig) -> list[dict]:
             item["reference"] = rec["output"]
         if isinstance(rec.get("constraint"), dict):
             item["constraint"] = rec["constraint"]
+        if isinstance(rec.get("slice"), str) and rec["slice"]:
+            item["slice"] = rec["slice"]
         out.append(item)
     if not out:
         raise DataError(source, None, None, "no prompts")
@@ -332,6 +334,9 @@ def compute_results(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict],
                  "pass": stats.proportion_over_prompts([sum(v >= 1.0 for v in r) for r in replies[name]], k, conf)}
             if name != base:
                 o["win_rate"] = stats.win_rate(vals, [sum(r) / k for r in replies[base]], conf)
+                # paired: per prompt, this model's share of passing replies minus the baseline's
+                o["pass_gain"] = stats.mean_ci([sum(v >= 1.0 for v in a) / k - sum(v >= 1.0 for v in b) / k
+                                                for a, b in zip(replies[name], replies[base])], conf)
             m["oracle"] = o
         models[name] = m
     primary = REWARD_MODEL if REWARD_MODEL in scores else (RULE if RULE in scores else None)
@@ -352,6 +357,40 @@ def compute_results(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict],
                        "batch_size": cfg.batch_size, "samples_per_prompt": k},
         "models": models,
     }
+
+
+def with_groups(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict], scores: dict,
+                constraints: list, oracle: dict | None) -> dict:
+    """:func:`compute_results`, plus the same figures per slice (the prompts' ``slice`` field,
+    e.g. the demo test set's demo and held-out phrasings) and per constraint type."""
+    result = compute_results(cfg, prompts, gens, scores, constraints, oracle)
+    groups = {"slices": [p.get("slice") for p in prompts],
+              "by_constraint_type": [c["type"] if c else None for c in constraints]}
+    for key, labels in groups.items():
+        names = sorted({label for label in labels if label is not None})
+        if not names or (key == "slices" and len(names) < 2 and None not in labels):
+            continue  # no labels, or one slice that is the whole set
+        result[key] = {}
+        for label in names:
+            keep = [i for i, x in enumerate(labels) if x == label]
+            sub = compute_results(cfg, *_subset(keep, cfg.samples_per_prompt, prompts, gens, scores, constraints, oracle))
+            result[key][label] = {"n_prompts": len(keep), "models": sub["models"]}
+    return result
+
+
+def _subset(keep: list[int], k: int, prompts, gens, scores, constraints, oracle) -> tuple:
+    """The inputs of compute_results restricted to the prompts ``keep`` (k replies each)."""
+    replies = [i * k + j for i in keep for j in range(k)]
+    n_replies = len(prompts) * k
+
+    def cut(values):
+        return [values[r] for r in replies] if isinstance(values, (list, tuple)) and len(values) == n_replies else values
+
+    return ([prompts[i] for i in keep],
+            {name: {key: cut(v) for key, v in g.items()} for name, g in gens.items()},
+            {src: {name: cut(v) for name, v in s.items()} for src, s in scores.items()},
+            [constraints[i] for i in keep],
+            {name: cut(v) for name, v in oracle.items()} if oracle is not None else None)
 
 
 def flat_metrics(result: dict) -> dict:
@@ -440,7 +479,7 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         scores = _score(cfg, prompts, gens)
         k = cfg.samples_per_prompt
         constraints, oracle = _oracle(prompts, gens, k) if cfg.oracle else ([None] * len(prompts), None)
-        result = compute_results(cfg, prompts, gens, scores, constraints, oracle)
+        result = with_groups(cfg, prompts, gens, scores, constraints, oracle)
         rows = generation_rows(prompts, gens, scores, constraints, oracle, k)
 
         from alignkit.evals.report import write_report

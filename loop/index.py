@@ -15,7 +15,8 @@ REPORTS = [  # (stage dir, file, what it is)
     ("reward_eval", "report.html", "Reward model: held-out accuracy, calibration, length correlation"),
     ("dpo", "manifest.json", "DPO manifest: implicit-reward accuracy before/after"),
     ("ppo", "manifest.json", "PPO manifest and metrics.jsonl: reward, KL, entropy per step"),
-    ("eval", "report.html", "Held-out evaluation: reward, win rates, oracle, diversity"),
+    ("eval", "report.html", "Held-out (test) evaluation: reward, win rates, oracle, diversity"),
+    ("eval_validation", "report.html", "Validation evaluation (evaluate_on=validation): the same figures, for choosing settings"),
 ]
 
 
@@ -39,7 +40,7 @@ def _headline(stage: str, m: dict) -> str:
     return ", ".join(parts)
 
 
-def write_index(run: Path, timings: dict[str, float] | None = None) -> Path:
+def write_index(run: Path, timings: dict[str, float] | None = None, eval_dir: str = "eval") -> Path:
     """``<run>/index.html``: each stage's status, headline figures and a link to its report."""
     rows = []
     for stage, file, what in REPORTS:
@@ -49,10 +50,11 @@ def write_index(run: Path, timings: dict[str, float] | None = None) -> Path:
         link = f'<a href="{html.escape(f"{stage}/{file}")}">{html.escape(what)}</a>' if target.exists() else html.escape(what)
         rows.append(f"<tr><td>{html.escape(stage)}</td><td class='{html.escape(status)}'>{html.escape(status)}</td>"
                     f"<td>{link}</td><td>{html.escape(_headline(stage, m or {}))}</td></tr>")
-    evaluation = run / "eval" / "eval.json"
+    evaluation = run / eval_dir / "eval.json"
     summary = ""
     if evaluation.exists():
-        summary = f"<h2>Held-out evaluation</h2><pre>{html.escape(eval_summary(json.loads(evaluation.read_text())))}</pre>"
+        title = "Held-out (test) evaluation" if eval_dir == "eval" else "Validation evaluation"
+        summary = f"<h2>{title}</h2><pre>{html.escape(eval_summary(json.loads(evaluation.read_text())))}</pre>"
     times = "".join(f"<li>{html.escape(k)}: {v:.0f} s</li>" for k, v in (timings or {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>alignkit run {html.escape(run.name)}</title>
 <style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
@@ -95,7 +97,28 @@ def eval_summary(result: dict) -> str:
         judged = [(what, beats(d)) for what, d in (("the reward model", win), ("the oracle", oracle.get("win_rate"))) if d]
         if judged:
             verdicts.append(f"{name} vs {base}: " + "; ".join(f"by {what}: {v}" for what, v in judged))
-    return "\n".join(lines + ([""] + verdicts if verdicts else []))
+    return "\n".join(lines + ([""] + verdicts if verdicts else []) + _slice_lines(result, interval))
+
+
+def _slice_lines(result: dict, interval) -> list[str]:
+    """Per slice of the prompts (e.g. demo vs held-out phrasings): each model's oracle pass rate,
+    its paired gain over the baseline, and its length-controlled win rate."""
+    slices, source, base = result.get("slices") or {}, result.get("primary_reward"), result.get("baseline")
+    if not slices:
+        return []
+    lines = ["", f"{'slice':18} {'model':8} {'oracle pass rate':24} {'pass gain vs ' + str(base):26} "
+                 f"{'length-controlled':24}"]
+    for label, part in slices.items():
+        for name, m in part["models"].items():
+            oracle = m.get("oracle") or {}
+            lc = (m.get("lc_win_rate") or {}).get(source)
+            gain = oracle.get("pass_gain")
+            gain_text = "-" if not gain or gain.get("mean") is None else (
+                f"{gain['mean']:+.3f} [{gain['ci'][0]:+.3f}, {gain['ci'][1]:+.3f}]" if gain["ci"][0] is not None
+                else f"{gain['mean']:+.3f}")
+            lines.append(f"{label + ' (' + str(part['n_prompts']) + ')':18} {name:8} "
+                         f"{interval(oracle.get('pass'), 'rate'):24} {gain_text:26} {interval(lc, 'win_rate'):24}")
+    return lines
 
 
 def beats(win: dict) -> str:

@@ -62,6 +62,9 @@ class LoopConfig:
     dpo: dict = doc("DPO keys (alignkit align dpo --help)", default_factory=dict)
     ppo: dict = doc("PPO keys (alignkit align ppo --help)", default_factory=dict)
     eval: dict = doc("evaluation keys (alignkit eval --help)", default_factory=dict)
+    evaluate_on: str = doc("prompts the final evaluation reads: 'test' (the held-out prompts, read once: the "
+                           "figures to report) or 'validation' (for choosing settings; look as often as you "
+                           "like; written to <run_dir>/eval_validation/)", "test")
     eval_base_model: bool = doc("evaluate the base model too, next to SFT, DPO and PPO (one more model to "
                                 "sample from, score and compare)", True)
 
@@ -69,6 +72,8 @@ class LoopConfig:
         unknown = sorted(set(self.stages) - set(STAGES))
         if unknown:
             raise ConfigError(f"stages: unknown {', '.join(unknown)}; expected some of {', '.join(STAGES)}")
+        if self.evaluate_on not in ("test", "validation"):
+            raise ConfigError(f"evaluate_on: expected test or validation, got {self.evaluate_on!r}")
         if self.annotators not in ("simulated", "human"):
             raise ConfigError(f"annotators: expected simulated or human, got {self.annotators!r}")
 
@@ -126,6 +131,10 @@ class Loop:
         configs["annotate"] = self.annotation_configs()
         return configs
 
+    @property
+    def eval_dir(self) -> str:
+        return "eval" if self.cfg.evaluate_on == "test" else "eval_validation"
+
     def pairs(self) -> str:
         return self.path("annotate", "export", "pairs.jsonl")
 
@@ -149,8 +158,9 @@ class Loop:
         return models
 
     def eval_wiring(self) -> dict:
-        wired = {"models": self.eval_models(), "baseline": "sft", "prompts": self.path("sft", "heldout_prompts.jsonl"),
-                 "output_dir": self.path("eval")}
+        prompts = "heldout_prompts.jsonl" if self.cfg.evaluate_on == "test" else "validation_prompts.jsonl"
+        wired = {"models": self.eval_models(), "baseline": "sft", "prompts": self.path("sft", prompts),
+                 "output_dir": self.path(self.eval_dir)}
         if "reward" in self.cfg.stages:
             wired["reward_model"] = self.path("reward", "model")
         return wired
@@ -248,10 +258,12 @@ class Loop:
             print(f"=== run: {stage} finished in {self.timings[stage]:.1f} s ===", flush=True)
             if code:
                 break
-        index = write_index(self.run, self.timings)
-        evaluation = self.run / "eval" / "eval.json"
+        index = write_index(self.run, self.timings, self.eval_dir)
+        evaluation = self.run / self.eval_dir / "eval.json"
         if evaluation.exists():
-            print("\nrun: held-out evaluation (95% confidence intervals)\n" + eval_summary(json.loads(evaluation.read_text())))
+            which = "held-out (test)" if self.cfg.evaluate_on == "test" else "validation"
+            print(f"\nrun: {which} evaluation (95% confidence intervals)\n"
+                  + eval_summary(json.loads(evaluation.read_text())))
         print(f"\nrun: index of every report: {index}")
         return code
 

@@ -77,6 +77,19 @@ def accuracy_summary(gap: np.ndarray) -> dict:
             "mean_reward_gap": float(gap.mean()) if n else float("nan")}
 
 
+def by_constraint_type(pairs: list[dict], gap: np.ndarray) -> dict:
+    """Accuracy per kind of checkable constraint the prompt states (the demo's oracle reads it
+    from the prompt's words); pairs whose prompt states none are left out."""
+    from alignkit.oracle import find_constraint
+
+    kinds: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        c = pair.get("constraint") or find_constraint(pair["prompt"])
+        if isinstance(c, dict) and c.get("type"):
+            kinds.setdefault(c["type"], []).append(i)
+    return {kind: accuracy_summary(gap[idx]) for kind, idx in sorted(kinds.items())}
+
+
 def calibration(gap: np.ndarray, n_bins: int = 10) -> dict:
     """Top-label calibration: confidence = sigmoid(|gap|) in [0.5, 1] is the model's probability
     that its preferred reply is the annotators' choice; it is correct when gap > 0.
@@ -231,6 +244,7 @@ def evaluate(cfg: RewardEvalConfig, force: bool = False) -> dict:
         margins = np.asarray([p.get("margin", math.nan) for p in pairs], dtype=float)
         has_margin = ~np.isnan(margins)
         result["by_margin"] = margin_buckets(margins[has_margin], gap[has_margin], cfg.margin_buckets) if has_margin.any() else []
+        result["by_constraint_type"] = by_constraint_type(pairs, gap)
         result["calibration"] = calibration(gap, cfg.calibration_bins)
         len_c = np.asarray([len(c) for c in chosen])
         len_r = np.asarray([len(r) for r in rejected])
@@ -378,6 +392,17 @@ def render_report(result: dict, r_c, r_r, len_c, len_r, examples: list[dict]) ->
         parts.append(f"</table><img alt='accuracy by margin' src='{plots['margin']}'>")
     else:
         parts.append("<p>The data carries no margins, so there are no buckets.</p>")
+    if result.get("by_constraint_type"):
+        parts += ["<h2>Accuracy by constraint kind</h2>",
+                  "<div class='explain'>Pairs grouped by the checkable constraint their prompt states (word limit, "
+                  "lowercase, bullets, opening or closing phrase, keyword). A kind near 0.5 is one the reward "
+                  "model has not learnt to see: a policy trained against it gets no signal there.</div>",
+                  "<table><tr><th>constraint</th><th>pairs</th><th>accuracy</th><th>95% CI</th><th>mean reward gap</th></tr>"]
+        for kind, b in result["by_constraint_type"].items():
+            parts.append(f"<tr><td>{e(kind)}</td><td class='num'>{b['n']}</td><td class='num'>{_f(b['accuracy'])}</td>"
+                         f"<td class='num'>{_f(b['ci95'][0])}&ndash;{_f(b['ci95'][1])}</td>"
+                         f"<td class='num'>{_f(b['mean_reward_gap'])}</td></tr>")
+        parts.append("</table>")
     parts += ["<h2>Calibration</h2>",
               "<div class='explain'>sigmoid(r<sub>chosen</sub> &minus; r<sub>rejected</sub>) is the model's probability "
               "that the chosen reply is better (the Bradley&ndash;Terry reading of the rewards). Its confidence in its "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.config import ConfigError, add_config_args, doc, load_config, to_dict
-from alignkit.data import DEMO_DATA, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
+from alignkit.data import DEMO_DATA, DataError, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
 from alignkit.training import (TrainerConfig, evaluate_once, freeze_lower_layers, lora_config, qlora_config,
@@ -42,8 +42,9 @@ class SFTStageConfig(TrainerConfig):
     on_bad_record: str = doc("a record with a missing/empty/mistyped field: 'error' stops, 'drop' skips it and counts it in the manifest", "error")
     max_examples: int | None = doc("use only the first N examples (smoke runs)", None)
     # split
-    val_fraction: float = doc("fraction of examples kept for validation loss", 0.1)
-    heldout_fraction: float = doc("fraction of prompts held out for evaluation (never trained on)", 0.1)
+    # (records with a "split" field -- train, validation or test -- are split by it instead; the demo's are)
+    val_fraction: float = doc("fraction of examples kept for validation (loss, and every choice of settings)", 0.1)
+    heldout_fraction: float = doc("fraction of prompts held out as the test set: read only by the final evaluation", 0.1)
     extra_heldout: str | None = doc("another prompt file to be checked for leakage into the training data", None)
     # loss
     packing: bool = doc("pack several examples into one sequence of max_length tokens", False)
@@ -67,7 +68,7 @@ def prepare_data(cfg: SFTStageConfig) -> dict:
     examples, dropped = load_sft_examples(cfg.data, cfg.data_format, on_bad_record=cfg.on_bad_record)
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
-    splits = seeded_split(examples, {"train": 0, "validation": cfg.val_fraction, "heldout": cfg.heldout_fraction}, cfg.seed)
+    splits, split_source = split_examples(examples, cfg)
     if not splits["train"]:
         raise ValueError(f"{cfg.data}: too few examples ({len(examples)}) to train after the split")
     if not splits["validation"]:
@@ -76,7 +77,37 @@ def prepare_data(cfg: SFTStageConfig) -> dict:
     leakage = {"heldout_split": check_leakage([e["prompt"] for e in splits["heldout"]], train_prompts)}
     if cfg.extra_heldout:
         leakage["extra_heldout"] = check_leakage([p["prompt"] for p in load_prompts(cfg.extra_heldout)], train_prompts)
-    return {"splits": splits, "leakage": leakage, "n_examples": len(examples), "dropped": dropped}
+    return {"splits": splits, "split_source": split_source, "leakage": leakage, "n_examples": len(examples),
+            "dropped": dropped}
+
+
+def split_examples(examples: list[dict], cfg: SFTStageConfig) -> tuple[dict[str, list[dict]], str]:
+    """Train / validation / held-out (test) examples, and where the split came from: the records'
+    own ``split`` field when they carry one (the demo data: whole topics held out), else a seeded
+    random cut by ``val_fraction`` and ``heldout_fraction``."""
+    marked = sum("split" in e for e in examples)
+    if not marked:
+        return seeded_split(examples, {"train": 0, "validation": cfg.val_fraction,
+                                       "heldout": cfg.heldout_fraction}, cfg.seed), "random"
+    if marked < len(examples):
+        raise DataError(cfg.data, None, "split", f"{marked} of {len(examples)} records carry a split field: "
+                                                 "give every record one (train, validation or test) or none")
+    by_name = {"train": "train", "validation": "validation", "heldout": "test"}
+    return {name: [e for e in examples if e["split"] == own] for name, own in by_name.items()}, "data"
+
+
+def prompt_records(examples: list[dict], prefix: str) -> list[dict]:
+    """Evaluation prompt records: id, prompt, reference answer, and the example's slice and
+    constraint when it has them."""
+    return [{"id": f"{prefix}-{i}", "prompt": e["prompt"], "reference": e["completion"][0]["content"],
+             **{k: e[k] for k in ("slice", "constraint") if k in e}}
+            for i, e in enumerate(examples)]
+
+
+def _messages_only(examples: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
 
 
 class _RecordingCollator:
@@ -95,7 +126,6 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
     data = prepare_data(cfg)  # before any heavy import or write: bad input fails fast and leaves nothing
 
     import torch
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     model_path = resolve_model(cfg.model)
@@ -108,12 +138,14 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         run.clear_for_fresh_start("checkpoints", "initial_eval.json")  # forced, or another config or input
         splits = data["splits"]
         if is_main_process():
-            write_jsonl(out / "heldout_prompts.jsonl",
-                        [{"id": f"heldout-{i}", "prompt": e["prompt"], "reference": e["completion"][0]["content"]}
-                         for i, e in enumerate(splits["heldout"])])
-            write_jsonl(out / "train_prompts.jsonl", [{"prompt": prompt_text(e["prompt"])} for e in splits["train"]])
-        run.add_output("train_prompts", out / "train_prompts.jsonl")
-        run.add_output("heldout_prompts", out / "heldout_prompts.jsonl")
+            write_jsonl(out / "heldout_prompts.jsonl", prompt_records(splits["heldout"], "heldout"))
+            write_jsonl(out / "validation_prompts.jsonl", prompt_records(splits["validation"], "validation"))
+            write_jsonl(out / "train_prompts.jsonl", [{"prompt": prompt_text(e["prompt"]),
+                                                       **({"constraint": e["constraint"]} if "constraint" in e else {})}
+                                                      for e in splits["train"]])
+        for name in ("train", "validation", "heldout"):
+            run.add_output(f"{name}_prompts", out / f"{name}_prompts.jsonl")
+        run.notes["split_source"] = data["split_source"]
         run.notes["leakage"] = data["leakage"]
         run.notes["split_sizes"] = {k: len(v) for k, v in splits.items()}
         run.notes["dropped_records"] = data["dropped"]
@@ -143,7 +175,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         score_only_labelled_tokens_on_cpu()
         trainer = SFTTrainer(
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-            train_dataset=Dataset.from_list(splits["train"]), eval_dataset=Dataset.from_list(splits["validation"]),
+            train_dataset=_messages_only(splits["train"]), eval_dataset=_messages_only(splits["validation"]),
             callbacks=[tensorboard_callback(out / "tensorboard"), stop_on_non_finite_loss("sft")],
         )
         seen: list[str] = []

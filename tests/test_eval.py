@@ -27,6 +27,9 @@ def word_count_reward(prompts, responses):
 '''
 
 
+SLICES = ("demo_phrasing", "heldout_phrasing")
+
+
 @pytest.fixture(scope="module")
 def assets(tiny_model, tmp_path_factory):
     """A second tiny policy, a reward model built on the tiny model (random head: a real
@@ -51,7 +54,7 @@ def assets(tiny_model, tmp_path_factory):
     demo = [json.loads(line) for line in DEMO.read_text().splitlines()[:10]]
     with open(sft_run / "heldout_prompts.jsonl", "w") as f:
         f.writelines(json.dumps({"id": f"heldout-{i}", "prompt": [{"role": "user", "content": d["instruction"]}],
-                                "reference": d["output"]}) + "\n" for i, d in enumerate(demo))
+                                "reference": d["output"], "slice": SLICES[i % 2]}) + "\n" for i, d in enumerate(demo))
     return {"first": tiny_model, "second": second, "reward": root / "reward", "rule": f"{rule}:word_count_reward",
             "heldout": sft_run}
 
@@ -128,6 +131,29 @@ def test_eval_json_fields_for_each_prompt_shape(evals, shape):
     assert set(m["outputs"]) == {"eval", "generations", "report"}
     assert m["metrics"]["dpo/lc_win_rate"] == dpo["lc_win_rate"][sources[0]]["win_rate"]
     assert m["inputs"]["model:dpo"]["hash"].startswith("sha256:")
+
+
+def test_figures_per_slice_and_constraint_type_agree_with_the_replies(evals):
+    result, rows = load(evals["heldout"])
+    assert {label: part["n_prompts"] for label, part in result["slices"].items()} == {SLICES[0]: 4, SLICES[1]: 4}
+    groups = {("slices", label): [r for i, r in enumerate(rows) if SLICES[i % 2] == label] for label in SLICES}
+    for r in rows:
+        groups.setdefault(("by_constraint_type", r["constraint"]["type"]), []).append(r)
+    assert sum(part["n_prompts"] for part in result["by_constraint_type"].values()) == 8
+    for (key, label), members in groups.items():
+        models = result[key][label]["models"]
+        assert result[key][label]["n_prompts"] == len(members)
+        for name in ("sft", "dpo"):
+            replies = [r["responses"][name] for r in members]
+            assert models[name]["reward"]["reward_model"]["mean"] == pytest.approx(
+                sum(x["rewards"]["reward_model"] for x in replies) / len(members))
+            assert models[name]["oracle"]["score"]["mean"] == pytest.approx(
+                sum(x["oracle_score"] for x in replies) / len(members))
+        gain = [(r["responses"]["dpo"]["oracle_score"] >= 1.0) - (r["responses"]["sft"]["oracle_score"] >= 1.0)
+                for r in members]
+        assert models["dpo"]["oracle"]["pass_gain"]["mean"] == pytest.approx(sum(gain) / len(members))
+    for other in ("mt_bench", "self_instruct"):  # no slice field: no slices
+        assert "slices" not in load(evals[other])[0]
 
 
 def test_prompt_shapes_are_read_as_expected(evals):

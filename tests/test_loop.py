@@ -13,7 +13,7 @@ from alignkit.runstore import read_manifest
 TINY_LOOP = [
     "sft.max_steps=4", "sft.batch_size=4", "sft.max_length=96", "sft.eval_steps=1000", "sft.save_steps=100",
     "sft.max_examples=120", "sft.learning_rate=1e-3",
-    "annotate.generate.max_prompts=10", "annotate.generate.max_new_tokens=10", "annotate.generate.batch_size=10",
+    "annotate.generate.max_prompts=20", "annotate.generate.max_new_tokens=10", "annotate.generate.batch_size=10",
     "annotate.simulate.flip_prob=0.0", "annotate.simulate.tie_threshold=0.0", "annotate.export.min_kappa=0.2", "annotate.export.bootstrap=50",
     "reward.max_steps=4", "reward.batch_size=4", "reward.max_length=128", "reward.eval_steps=1000",
     "reward.save_steps=100", "reward.learning_rate=1e-3", "reward.trainable_layers=1",
@@ -48,6 +48,7 @@ def test_whole_loop_then_a_rerun_skips_every_stage(tmp_path, tiny_model, argilla
     index = (loop / "index.html").read_text()
     assert "eval/report.html" in index and "reward_eval/report.html" in index
     assert argilla_env.api_key not in index
+    assert_test_prompts_read_only_by_the_final_eval(loop)
     capsys.readouterr()
     manifests = {p: p.read_bytes() for p in loop.rglob("manifest.json")}
 
@@ -56,6 +57,28 @@ def test_whole_loop_then_a_rerun_skips_every_stage(tmp_path, tiny_model, argilla
     assert "already completed" in out.err + out.out
     # A skipped stage never rewrites its manifest: nothing trained, generated or annotated again.
     assert {p: p.read_bytes() for p in loop.rglob("manifest.json")} == manifests
+
+    # Choosing settings reads the validation prompts, into a directory of its own.
+    assert run_loop(tmp_path, tiny_model, "annotate.common.dataset=loop-test", "evaluate_on=validation") == 0
+    validation = json.loads((loop / "eval_validation" / "eval.json").read_text())
+    assert validation["prompts"].endswith("validation_prompts.jsonl")
+    assert (loop / "eval" / "manifest.json").read_bytes() == manifests[loop / "eval" / "manifest.json"]
+
+
+def assert_test_prompts_read_only_by_the_final_eval(loop):
+    """No file of any stage before the final evaluation holds a test prompt: SFT trained on none,
+    annotation sampled none, and so the reward model, DPO and PPO saw none."""
+    test = [json.loads(line)["prompt"][-1]["content"]
+            for line in (loop / "sft" / "heldout_prompts.jsonl").read_text().splitlines()]
+    sizes = read_manifest(loop / "sft")["notes"]["split_sizes"]
+    assert test and len(test) == sizes["heldout"] and read_manifest(loop / "sft")["notes"]["split_source"] == "data"
+    needles = {t.encode() for t in test} | {json.dumps(t)[1:-1].encode() for t in test}
+    for f in sorted(loop.rglob("*")):
+        rel = f.relative_to(loop).as_posix()
+        if f.is_dir() or rel.startswith("eval/") or rel in ("sft/heldout_prompts.jsonl", "index.html"):
+            continue
+        data = f.read_bytes()
+        assert not any(n in data for n in needles), f"{rel} holds a test prompt"
 
 
 def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, argilla_env, capsys):

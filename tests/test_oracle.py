@@ -11,6 +11,7 @@ import pytest
 import alignkit
 from alignkit.oracle import (
     CONSTRAINT_TYPES,
+    HELDOUT_TEMPLATES,
     TEMPLATES,
     constraint_score,
     count_words,
@@ -47,9 +48,9 @@ def _id(rec):
 
 
 def test_demo_shape_and_counts():
-    assert 250 <= len(RECORDS) <= 400
+    assert 400 <= len(RECORDS) <= 500
     for rec in RECORDS:
-        assert set(rec) == {"instruction", "input", "output", "constraint"}
+        assert set(rec) == {"instruction", "input", "output", "constraint", "split", "slice"}
         assert isinstance(rec["instruction"], str) and rec["instruction"].strip()
         assert isinstance(rec["input"], str)
         assert isinstance(rec["output"], str) and rec["output"].strip()
@@ -61,6 +62,36 @@ def test_demo_shape_and_counts():
     assert 10 <= sum(1 for r in RECORDS if r["input"]) < len(RECORDS) // 2
     # instruction+input pairs are unique (no duplicated prompts)
     assert len({(r["instruction"], r["input"]) for r in RECORDS}) == len(RECORDS)
+
+
+def _task(rec) -> str:
+    """The instruction without its constraint sentence (the topic's task)."""
+    return rec["instruction"][: rec["instruction"].index(describe_sentence(rec))].strip()
+
+
+def describe_sentence(rec) -> str:
+    for held_out in (False, True):
+        for v in range(3):
+            sentence = describe_constraint(rec["constraint"], v, held_out)
+            if rec["instruction"].endswith(sentence):
+                return sentence
+    raise AssertionError(rec["instruction"])
+
+
+def test_demo_splits_hold_out_whole_topics_and_test_only_phrasings():
+    by_split = {name: [r for r in RECORDS if r["split"] == name] for name in ("train", "validation", "test")}
+    assert len(by_split["test"]) >= 80 and len(by_split["validation"]) >= 30
+    tasks = {name: {(_task(r), r["input"]) for r in recs} for name, recs in by_split.items()}
+    assert not tasks["train"] & tasks["validation"] and not tasks["train"] & tasks["test"]
+    assert not tasks["validation"] & tasks["test"]
+    held = [r for r in RECORDS if r["slice"] == "heldout_phrasing"]
+    assert held and all(r["split"] == "test" for r in held)
+    assert Counter(r["slice"] for r in by_split["test"]) == {"demo_phrasing": 72, "heldout_phrasing": 72}
+    # no training or validation instruction uses a held-out phrasing, and every test one does
+    held_sentences = {t.split("{")[0] for ts in HELDOUT_TEMPLATES.values() for t in ts}
+    for rec in RECORDS:
+        uses_held = any(_task(rec) + " " + h in rec["instruction"] for h in held_sentences)
+        assert uses_held == (rec["slice"] == "heldout_phrasing"), rec["instruction"]
 
 
 @pytest.mark.parametrize("rec", RECORDS, ids=_id)
@@ -104,9 +135,11 @@ SAMPLES = [
 
 @pytest.mark.parametrize("c", SAMPLES, ids=lambda c: c["type"])
 def test_every_phrasing_round_trips(c):
-    for v in range(len(TEMPLATES[c["type"]])):
-        sentence = describe_constraint(c, v)
-        assert find_constraint("Explain what a rainbow is. " + sentence) == c, sentence
+    for held_out, templates in ((False, TEMPLATES), (True, HELDOUT_TEMPLATES)):
+        for v in range(len(templates[c["type"]])):
+            sentence = describe_constraint(c, v, held_out)
+            assert find_constraint("Explain what a rainbow is. " + sentence) == c, sentence
+            assert find_constraint(f"Explain what a rainbow is. {sentence}\n\nSome input text.") == c, sentence
 
 
 @pytest.mark.parametrize(

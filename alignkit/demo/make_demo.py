@@ -3,15 +3,21 @@
 Every record is an Alpaca record with a verifiable constraint::
 
     {"instruction": "Explain what a rainbow is. Answer in at most 25 words.",
-     "input": "", "output": "...", "constraint": {"type": "max_words", "n": 25}}
+     "input": "", "output": "...", "constraint": {"type": "max_words", "n": 25},
+     "split": "train", "slice": "demo_phrasing"}
 
 The topic texts below were written for alignkit. Each topic has a task, an optional input text, a
 short answer, a few one-line facts (for bullet answers) and a keyword that the answer uses. Each
-topic is crossed with five of the six constraint types of :mod:`alignkit.oracle` (a different
-one is left out in turn), and the plain-words constraint sentence comes from
-:func:`alignkit.oracle.describe_constraint`, so :func:`alignkit.oracle.find_constraint` can read
-it back. The build is deterministic and checks that every reference output passes its own
-constraint.
+topic is crossed with the six constraint types of :mod:`alignkit.oracle`, and the plain-words
+constraint sentence comes from :func:`alignkit.oracle.describe_constraint`, so
+:func:`alignkit.oracle.find_constraint` can read it back.
+
+``split`` holds whole topics out (:func:`split_of`): training and annotation read ``train``, every
+choice of settings reads ``validation``, and only the final evaluation reads ``test``. Each test
+topic appears twice: in the demo's phrasings (``slice: demo_phrasing``) and in phrasings that no
+training or validation prompt uses (``slice: heldout_phrasing``,
+:data:`alignkit.oracle.HELDOUT_TEMPLATES`). The build is deterministic and checks that every
+reference output passes its own constraint.
 
 Usage::
 
@@ -51,7 +57,7 @@ class Topic:
     facts: tuple[str, ...]
     keyword: str
     input: str = ""
-    omit: str | None = None  # constraint type to leave out (default: rotates)
+    omit: str | None = None  # a constraint type that does not suit this topic
 
 
 T = Topic
@@ -469,7 +475,16 @@ def _word_limit(text: str) -> int:
     raise ValueError(f"answer too long for a word limit ({wc} words): {text!r}")
 
 
-def _record(i: int, topic: Topic, ctype: str) -> dict:
+def split_of(i: int) -> str:
+    """Topic ``i``'s split. Whole topics are held out, so a validation or test prompt never shares
+    its task text with a training prompt: every fifth topic is a test topic, every tenth of the
+    rest a validation topic."""
+    if i % 5 == 4:
+        return "test"
+    return "validation" if i % 10 == 2 else "train"
+
+
+def _record(i: int, topic: Topic, ctype: str, held_out_phrasing: bool = False) -> dict:
     ans = topic.answer
     if ctype == "max_words":
         constraint, output = {"type": ctype, "n": _word_limit(ans)}, ans
@@ -489,27 +504,31 @@ def _record(i: int, topic: Topic, ctype: str) -> dict:
     else:
         raise ValueError(ctype)
     variant = (i + TYPES.index(ctype)) % 3
-    instruction = f"{topic.task} {describe_constraint(constraint, variant)}"
-    return {"instruction": instruction, "input": topic.input, "output": output, "constraint": constraint}
+    instruction = f"{topic.task} {describe_constraint(constraint, variant, held_out=held_out_phrasing)}"
+    return {"instruction": instruction, "input": topic.input, "output": output, "constraint": constraint,
+            "split": split_of(i), "slice": "heldout_phrasing" if held_out_phrasing else "demo_phrasing"}
 
 
 def build_records() -> list[dict]:
-    """All demo records, in a fixed order, each checked against its own constraint."""
+    """All demo records, in a fixed order, each checked against its own constraint: every topic
+    with every constraint type in the demo's phrasings, and each test topic once more in the
+    phrasings that only test prompts use (``slice: heldout_phrasing``)."""
     records = []
     for i, topic in enumerate(TOPICS):
-        omit = topic.omit or TYPES[i % len(TYPES)]
         kw = topic.keyword.lower()
         if kw in topic.task.lower() or kw not in topic.answer.lower():
             raise ValueError(f"topic {i}: keyword {topic.keyword!r} must be in the answer and not in the task")
-        for ctype in TYPES:
-            if ctype == omit:
-                continue
-            rec = _record(i, topic, ctype)
-            if not passes(rec["output"], rec["constraint"]):
-                raise ValueError(f"topic {i} ({ctype}): reference output fails its constraint: {rec['output']!r}")
-            if find_constraint(rec["instruction"]) != rec["constraint"]:
-                raise ValueError(f"topic {i} ({ctype}): constraint not recoverable from {rec['instruction']!r}")
-            records.append(rec)
+        phrasings = (False, True) if split_of(i) == "test" else (False,)
+        for held_out in phrasings:
+            for ctype in TYPES:
+                if ctype == topic.omit:
+                    continue
+                rec = _record(i, topic, ctype, held_out)
+                if not passes(rec["output"], rec["constraint"]):
+                    raise ValueError(f"topic {i} ({ctype}): reference output fails its constraint: {rec['output']!r}")
+                if find_constraint(rec["instruction"]) != rec["constraint"]:
+                    raise ValueError(f"topic {i} ({ctype}): constraint not recoverable from {rec['instruction']!r}")
+                records.append(rec)
     return records
 
 
