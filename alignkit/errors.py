@@ -21,3 +21,8 @@ class RunLockedError(AlignkitError):
     """Another process holds the stage directory's lock: one run per stage directory at a time."""
 
     exit_code = 1
+
+
+class UnfinishedInputError(AlignkitError):
+    """An input comes from a stage run that did not complete (failed, interrupted or still running):
+    what it left behind may be stale or half written, so no stage reads it."""

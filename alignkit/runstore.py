@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from alignkit.errors import RunLockedError
+from alignkit.errors import RunLockedError, UnfinishedInputError
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # flock'ed for the whole of a run (main process), holding the holder's PID; not hashed
@@ -232,6 +232,32 @@ def describe_inputs(inputs: dict[str, str | Path | None]) -> dict[str, dict]:
     return described
 
 
+def producing_run(path: Path) -> tuple[Path, dict] | None:
+    """The stage run that wrote ``path``: the run directory that is ``path`` or holds it directly
+    (``runs/x/sft``, ``runs/x/sft/model``, ``runs/x/annotate/export/pairs.jsonl``), with its
+    manifest; None for anything else (a user's file, a Hub name, a base model)."""
+    for d in (path, path.parent) if path.is_dir() else (path.parent,):
+        m = read_manifest(d) if (d / MANIFEST).is_file() else None
+        if isinstance(m, dict) and "stage" in m and "status" in m:
+            return d, m
+    return None
+
+
+def check_inputs_finished(inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an input that a stage run wrote but did not complete: a failed gate's old pairs, a
+    crashed stage's half-written model, a run still going in another process."""
+    for key, value in inputs.items():
+        if value is None or not Path(str(value)).exists():
+            continue
+        found = producing_run(Path(str(value)))
+        if found and found[1]["status"] != "completed":
+            run_dir, m = found
+            raise UnfinishedInputError(
+                f"{key}: {value} comes from the {m['stage']} run in {run_dir}, whose status is {m['status']!r}"
+                + (f" ({str(m['error']).splitlines()[0]})" if m.get("error") else "")
+                + f"; what it left may be stale or incomplete. Run the {m['stage']} stage to completion first.")
+
+
 @contextmanager
 def stage_run(
     stage: str, out_dir: str | Path, config: dict, inputs: dict[str, str | Path | None], force: bool = False
@@ -242,6 +268,7 @@ def stage_run(
     as completed; on an exception as failed (with the error), and the exception propagates.
     """
     out_dir = Path(out_dir)
+    check_inputs_finished(inputs)
     run = StageRun(stage=stage, dir=out_dir, config=config, inputs=describe_inputs(inputs), forced=force)
     with run_lock(out_dir):
         run.previous = read_manifest(out_dir)

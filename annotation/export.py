@@ -191,6 +191,9 @@ def export(cfg: ExportConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("export: already completed in %s with the same inputs (use --force to redo)", out)
             return run.previous
+        previous = out / "pairs.jsonl"
+        if previous.exists():  # kept, but under a name no stage reads: this export may fail its gate
+            previous.replace(out / "pairs.previous.jsonl")
         rows = [r for r in latest(read_table(table)).values() if r.get("status", "submitted") == "submitted"]
         records = {r["record_id"]: r for _, r in read_records(records_path)} if records_path.stat().st_size else {}
         candidates = {c["item_id"]: c for c in load_candidates(cand_path)}

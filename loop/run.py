@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.annotation.cli import check_sections, verb_config
-from alignkit.config import ConfigError, add_config_args, doc, from_dict, load_config, merge
+from alignkit.config import ConfigError, add_config_args, doc, from_dict, load_config, merge, to_dict
 from alignkit.evals.evaluate import EvalConfig
 from alignkit.evals.evaluate import evaluate as evaluate_models
 from alignkit.loop.index import eval_summary, write_index
@@ -37,7 +37,7 @@ from alignkit.rlhf.dpo import DPOStageConfig
 from alignkit.rlhf.dpo import train as train_dpo
 from alignkit.rlhf.ppo import PPOConfig
 from alignkit.rlhf.ppo import train as train_ppo
-from alignkit.runstore import read_manifest
+from alignkit.runstore import hash_path, read_manifest, redact
 from alignkit.sft.train import SFTStageConfig
 from alignkit.sft.train import train as train_sft
 
@@ -85,11 +85,6 @@ def _local_server(server_home: str | None):
     if named_server():
         return None
     return ServerConfig(home=server_home) if server_home else ServerConfig()
-
-
-def _completed(stage_dir: Path) -> bool:
-    m = read_manifest(stage_dir)
-    return bool(m) and m.get("status") == "completed"
 
 
 class Loop:
@@ -176,12 +171,12 @@ class Loop:
         from alignkit.annotation.server import down as stop_server
         from alignkit.annotation.server import status as local_status
 
-        export_dir = self.run / "annotate" / "export"
-        if _completed(export_dir) and not self.force:
-            log.info("annotate: export already completed in %s", export_dir)
-            return 0
         verbs = self.configs["annotate"]
-        generate(verbs["generate"], force=self.force)
+        generate(verbs["generate"], force=self.force)  # skips itself unless its config or the SFT model changed
+        if not self.force and self._annotation_up_to_date(verbs):
+            log.info("annotate: every step already completed with this config on these candidates (%s)",
+                     self.path("annotate"))
+            return 0
         local = _local_server(verbs["push"].server_home)
         started_here = local is not None and not local_status(local)["ready"]
         connect(verbs["push"].server_home, start=True)  # the local server, unless ARGILLA_API_URL/KEY name another
@@ -196,6 +191,19 @@ class Loop:
                 print(f"run: stopped the local Argilla server this run started; the annotations stay in "
                       f"{local.home} (`alignkit annotate server up` to browse them)")
         return self._annotate_on_server(verbs)
+
+    def _annotation_up_to_date(self, verbs: dict) -> bool:
+        """Whether push, (simulate,) pull and export all completed with today's configs and the export
+        read today's candidates: only then may the loop skip the server. Any change (new SFT model,
+        hence new candidates; another annotator setting; another gate) redoes the steps after it."""
+        steps = ["push", "simulate", "pull", "export"] if self.cfg.annotators == "simulated" else ["push", "pull", "export"]
+        for verb in steps:  # each writes <run_dir>/annotate/<verb>/manifest.json
+            m = read_manifest(self.run / "annotate" / verb)
+            if not m or m.get("status") != "completed" or m.get("config") != redact(to_dict(verbs[verb])):
+                return False
+        candidates = Path(verbs["export"].paths()[1])
+        used = (read_manifest(self.run / "annotate" / "export").get("inputs", {}).get("candidates") or {}).get("hash")
+        return candidates.exists() and used == hash_path(candidates)
 
     def _annotate_on_server(self, verbs: dict) -> int:
         """Push, (simulate,) pull and export once the Argilla server answers."""

@@ -17,6 +17,7 @@ from alignkit.annotation.pull import latest, read_table, response_value
 from alignkit.annotation.simulate import Annotator, decide, oracle_judge
 from alignkit.config import ConfigError
 from alignkit.data import load_preferences
+from alignkit.runstore import stage_run
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "user", "content": "Explain what a rainbow is. Answer in at most 5 words."}]
@@ -231,12 +232,31 @@ def test_export_gate_stops_with_no_pairs(tmp_path):
     answers = {c["item_id"]: {f"u{j}": {"preference": rng.choice(["response_1", "response_2"])} for j in range(3)}
                for c in cands}
     run = _write_pull(tmp_path, "binary", cands, answers, perms, 2)
+    export(ExportConfig(run_dir=str(run), mode="binary", min_kappa=None))  # no gate: pairs written
+    earlier = (run / "export" / "pairs.jsonl").read_text()
     with pytest.raises(GateError, match="Fleiss' kappa .* < 0.5"):
         export(ExportConfig(run_dir=str(run), mode="binary", min_kappa=0.5, bootstrap=50))
+    # the earlier export's pairs are kept aside, under a name no stage reads by default
     assert not (run / "export" / "pairs.jsonl").exists()
+    assert (run / "export" / "pairs.previous.jsonl").read_text() == earlier
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "GateError" in manifest["error"]
     assert (run / "export" / "agreement" / "agreement.json").exists()
+
+
+def test_a_stage_refuses_an_input_from_a_run_that_did_not_complete(tmp_path, tiny_model, capsys):
+    from alignkit.cli import main
+
+    export_dir = tmp_path / "export"
+    with pytest.raises(GateError):
+        with stage_run("annotate-export", export_dir, {}, {}):
+            (export_dir / "pairs.jsonl").write_text(json.dumps({"prompt": "Q", "chosen": "a", "rejected": "b"}) + "\n")
+            raise GateError("agreement gate failed")
+    rc = main(["reward", "train", f"model={tiny_model}", f"data={export_dir / 'pairs.jsonl'}",
+               f"output_dir={tmp_path / 'reward'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "comes from the annotate-export run" in err and "'failed'" in err
+    assert not (tmp_path / "reward" / "manifest.json").exists()
 
 
 def test_export_ranking_all_pairs_and_multivariate_aspects(tmp_path):

@@ -81,6 +81,31 @@ def assert_test_prompts_read_only_by_the_final_eval(loop):
         assert not any(n in data for n in needles), f"{rel} holds a test prompt"
 
 
+def test_a_changed_sft_model_or_gate_redoes_the_annotation_steps_after_it(tmp_path, tiny_model, argilla_env):
+    first = ["stages=[sft,annotate]", "annotate.common.dataset=loop-lineage"]
+    assert run_loop(tmp_path, tiny_model, *first) == 0
+    annotate = tmp_path / "loop" / "annotate"
+    before = {step: read_manifest(annotate / step) for step in ("candidates", "export")}
+
+    # Another gate: the candidates stay, the export runs again under the new gate.
+    assert run_loop(tmp_path, tiny_model, *first, "annotate.export.min_kappa=0.25") == 0
+    assert read_manifest(annotate / "candidates") == before["candidates"]
+    export = read_manifest(annotate / "export")
+    assert export["config"]["min_kappa"] == 0.25 and export["started_at"] != before["export"]["started_at"]
+
+    # Another SFT model: new candidates from it, and the export reads those, not the old ones.
+    assert run_loop(tmp_path, tiny_model, *first, "annotate.export.min_kappa=0.25", "sft.learning_rate=2e-3") == 0
+    candidates = read_manifest(annotate / "candidates")
+    assert candidates["inputs"]["model"]["hash"] != before["candidates"]["inputs"]["model"]["hash"]
+    export = read_manifest(annotate / "export")
+    assert export["inputs"]["candidates"]["hash"] != before["export"]["inputs"]["candidates"]["hash"]
+    assert export["metrics"]["dropped"]["candidate_changed"] > 0  # the old records' answers are not reused
+
+    # Nothing changed: every step is skipped.
+    assert run_loop(tmp_path, tiny_model, *first, "annotate.export.min_kappa=0.25", "sft.learning_rate=2e-3") == 0
+    assert read_manifest(annotate / "export") == export and read_manifest(annotate / "candidates") == candidates
+
+
 def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, argilla_env, capsys):
     code = run_loop(tmp_path, tiny_model, "annotators=human", "stages=[sft,annotate,reward]",
                     "annotate.common.dataset=loop-human", "annotate.generate.max_prompts=4")
