@@ -10,8 +10,9 @@ drafts, discarded and pending responses) is dropped, and ``updated_at``: when th
 annotator answered the same item/question twice, the latest ``updated_at`` (then the last
 row in the file) wins.
 
-Values may be strings ("response_1"), numbers, or rank lists (["b", "a", "c"]); every value
-is turned into a canonical string (a rank list becomes "b > a > c") and compared as a
+Values may be strings ("response_1"), numbers, or rank lists (["b", "a", "c"]; ties as inner
+lists, [["b", "a"], "c"]); every value is turned into a canonical string (a rank list becomes
+"b > a > c", or "b = a > c") and compared as a
 nominal category. A question whose values are all integers in 1..5 is treated as an ordinal
 rating (or name it with ``--ordinal``) and gets Krippendorff's alpha (ordinal) as well.
 
@@ -172,8 +173,13 @@ def _canon(value):
             return None
         return str(int(value)) if value.is_integer() else repr(value)
     if isinstance(value, (list, tuple)):
-        if all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
-            return " > ".join(_canon(v) or "" for v in value)
+        def plain(v):
+            return isinstance(v, (str, int, float)) and not isinstance(v, bool)
+
+        if all(plain(v) or (isinstance(v, (list, tuple)) and v and all(map(plain, v))) for v in value):
+            # a rank list, best first; slots that share a rank are joined by " = "
+            return " > ".join(" = ".join(_canon(x) or "" for x in v) if isinstance(v, (list, tuple)) else _canon(v) or ""
+                              for v in value)
         return json.dumps(value, sort_keys=True, default=str)
     if isinstance(value, dict):
         return json.dumps(value, sort_keys=True, default=str)

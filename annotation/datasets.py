@@ -144,8 +144,9 @@ def default_guidelines(cfg: DatasetConfig, k: int) -> str:
         if cfg.binary_strength:
             q += "\n**strength**: how much better is it? 1 = barely, 2 = somewhat, 3 = clearly, 4 = much better.\n"
     elif cfg.mode == "ranking":
-        q = ("**ranking**: order all responses from best (rank 1) to worst. Give every response a different rank; "
-             "put a response that breaks the prompt's instructions below those that follow them.\n")
+        q = ("**ranking**: order all responses from best (rank 1) to worst; put a response that breaks the "
+             "prompt's instructions below those that follow them. Give responses the same rank only when neither "
+             "is better: a shared rank is a useful answer, a guess is not.\n")
     else:
         q = ("Rate **every response on every aspect** from 1 (worst) to 5 (best). The question "
              "`<aspect>_<n>` is about Response n. Aspects:\n\n"

@@ -112,10 +112,11 @@ def annotator_scores(cfg: ExportConfig, answers: dict[str, object], perm: list[i
         return scores, aspects, None
     q = "ranking" if cfg.mode == "ranking" else "preference"
     value = answers.get(q)
-    if isinstance(value, list):  # slots best first
-        if sorted(value) != sorted(idx):
+    if isinstance(value, list):  # slots best first; an inner list holds slots that share a rank
+        groups = [g if isinstance(g, list) else [g] for g in value]
+        if sorted(s for g in groups for s in g) != sorted(idx):
             return None
-        scores = {idx[s]: -float(r) for r, s in enumerate(value)}
+        scores = {idx[s]: -float(r) for r, g in enumerate(groups) for s in g}
     elif isinstance(value, str) and value in idx:
         scores = {c: (1.0 if s == value else 0.0) for s, c in idx.items()}
     elif value == TIE and cfg.binary_tie:  # neither is better: an equal score, a vote for no direction

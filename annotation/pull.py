@@ -25,6 +25,7 @@ does ``export``).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import os
@@ -56,9 +57,14 @@ class PullConfig(DatasetConfig):
 
 
 def response_value(value):
-    """An Argilla answer -> a table value (rank lists become slots ordered best first)."""
+    """An Argilla answer -> a table value. A rank list becomes its slots ordered best first; slots
+    that share a rank (Argilla accepts equal ranks) stay together as one inner list, a tie:
+    ``[{"value": "response_1", "rank": 1}, {"value": "response_2", "rank": 1}]`` ->
+    ``[["response_1", "response_2"]]``. Unranked slots tie last."""
     if isinstance(value, list) and value and all(isinstance(v, dict) and "rank" in v for v in value):
-        return [v["value"] for v in sorted(value, key=lambda v: (v["rank"] if v["rank"] is not None else 1e9, v["value"]))]
+        ordered = sorted(value, key=lambda v: (v["rank"] if v["rank"] is not None else 1e9, v["value"]))
+        groups = [[v["value"] for v in group] for _, group in itertools.groupby(ordered, key=lambda v: v["rank"])]
+        return [group[0] if len(group) == 1 else group for group in groups]
     return value
 
 

@@ -19,7 +19,8 @@ As in AlpacaFarm, each simulated annotator is a judge plus its own imperfections
   annotators who favour long answers.
 * **tie_threshold** (binary with ``binary_tie``): when the two perceived scores differ by less than
   this, the annotator answers ``tie`` instead of picking one (flip noise then picks a response
-  at random with probability ``flip_prob``).
+  at random with probability ``flip_prob``). In a ranking, neighbours (after any flip) whose
+  perceived scores differ by less than this share a rank.
 
 Each annotator is a real Argilla user (``<user_prefix>1``, ``<user_prefix>2``, ...) created by the
 owner and added to the workspace; it reads its API key the way an owner can
@@ -67,7 +68,8 @@ class SimulateConfig(DatasetConfig):
     rating_noise: float = doc("std of Gaussian noise on 1-5 ratings", 0.0)
     position_bias: float = doc("score bonus of the first response shown (linearly less for later ones)", 0.0)
     length_bias: float = doc("score bonus per 100 words of response (capped at 100 words)", 0.0)
-    tie_threshold: float = doc("binary_tie: answer 'tie' when the perceived scores differ by less than this", 0.01)
+    tie_threshold: float = doc("binary_tie: answer 'tie' when the perceived scores differ by less than this; "
+                               "ranking: give neighbours that differ by less than this the same rank", 0.01)
     pool: list[dict] = doc("per-annotator overrides, e.g. [{flip_prob: 0.3}, {length_bias: 0.2}] "
                            "(entry i applies to annotator i+1)", default_factory=list)
     max_records: int | None = doc("each annotator answers at most N records (None: all it is shown)", None)
@@ -167,7 +169,12 @@ def decide(annot: Annotator, cfg: DatasetConfig, prompt: str, texts: list[str], 
                 order[i], order[i + 1] = order[i + 1], order[i]
     if cfg.mode == "ranking" or cfg.binary_question == "ranking":
         q = "ranking" if cfg.mode == "ranking" else "preference"
-        values = {q: [{"value": slot(j), "rank": r + 1} for r, j in enumerate(order)]}
+        rank, ranks = 1, {}
+        for pos, j in enumerate(order):  # neighbours that look equally good share a rank
+            if pos and abs(u[order[pos - 1]] - u[j]) >= annot.tie_threshold:
+                rank += 1
+            ranks[j] = rank
+        values = {q: [{"value": slot(j), "rank": ranks[j]} for j in order]}
     elif cfg.binary_tie and abs(u[0] - u[1]) < annot.tie_threshold:
         tie = not (noisy and annot.flip_prob and rng.random() < annot.flip_prob)
         values = {"preference": TIE if tie else slot(rng.randrange(2))}

@@ -85,6 +85,11 @@ def test_decisions_follow_judge_and_biases():
     r = decide(clean, DatasetConfig(mode="ranking"), "", ["a", "b", "c"], [0.5, 1.0, 0.0], random.Random(0))
     assert r == {"ranking": [{"value": "response_2", "rank": 1}, {"value": "response_1", "rank": 2},
                              {"value": "response_3", "rank": 3}]}
+    # ranking: neighbours that look equally good share a rank (both constraint scores 0 here)
+    tied = decide(Annotator("t", tie_threshold=0.1), DatasetConfig(mode="ranking"), "", ["a", "b", "c"],
+                  [0.0, 1.0, 0.05], random.Random(0))
+    assert tied == {"ranking": [{"value": "response_2", "rank": 1}, {"value": "response_3", "rank": 2},
+                                {"value": "response_1", "rank": 2}]}
     # multivariate: 1..5 per aspect and response
     m = decide(clean, DatasetConfig(mode="multivariate", aspects=["quality", "realism"]), "", ["a", "b"],
                [1.0, {"quality": 0.0, "realism": 0.5}], random.Random(0))
@@ -127,6 +132,11 @@ def test_pull_helpers(tmp_path):
     assert response_value([{"value": "response_2", "rank": 2}, {"value": "response_1", "rank": 1}]) == [
         "response_1", "response_2"]
     assert response_value("response_1") == "response_1" and response_value(4) == 4
+    # equal ranks (Argilla accepts them) stay a tie, never a strict order
+    assert response_value([{"value": "response_2", "rank": 1}, {"value": "response_1", "rank": 1}]) == [
+        ["response_1", "response_2"]]
+    assert response_value([{"value": "response_3", "rank": 2}, {"value": "response_1", "rank": 2},
+                           {"value": "response_2", "rank": 1}]) == ["response_2", ["response_1", "response_3"]]
     t = tmp_path / "annotations.jsonl"
     row = {"item_id": "i", "annotator": "a", "question": "q", "value": 1, "status": "submitted",
            "updated_at": "2024-01-01T00:00:00", "record_id": "r"}
@@ -269,6 +279,15 @@ def test_export_ranking_all_pairs_and_multivariate_aspects(tmp_path):
     pairs = [json.loads(x) for x in (run / "export" / "pairs.jsonl").read_text().splitlines()]
     got = {(p["chosen_index"], p["rejected_index"]): p["margin"] for p in pairs}
     assert got == {(0, 1): 0.5, (0, 2): 1.0, (1, 2): 0.5}
+
+    # tied ranks: the tied pair is no preference (dropped as a tie), the others keep their order
+    tied = ["response_2", ["response_3", "response_1"]]  # candidate 0 best; candidates 1 and 2 tie
+    answers = {"i0": {f"u{j}": {"ranking": tied} for j in range(3)}}
+    run = _write_pull(tmp_path / "tied", "ranking", cands, answers, {"i0": perm}, 3)
+    m = export(ExportConfig(run_dir=str(run), mode="ranking", min_kappa=None))
+    pairs = [json.loads(x) for x in (run / "export" / "pairs.jsonl").read_text().splitlines()]
+    assert {(p["chosen_index"], p["rejected_index"]) for p in pairs} == {(0, 1), (0, 2)}
+    assert m["metrics"]["dropped"]["tie"] == 1
 
     cands = [_cand(0, 2)]
     aspects = ["quality", "harmfulness"]
