@@ -133,12 +133,45 @@ def merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def check_range(cfg, low: float, *names: str, high: float | None = None) -> None:
+    """Each named field is a number ``>= low`` (and ``< high`` when given), or None: else a
+    ConfigError naming the field, the range and the value."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low and (
+            high is None or value < high) and value == value  # NaN compares unequal to itself
+        if not ok:
+            expected = f"a number in [{low}, {high})" if high is not None else f"a number >= {low}"
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+class NotUtf8Error(ValueError):
+    """Bytes that are not UTF-8 text, located by line (1-based) and byte offset."""
+
+    def __init__(self, raw: bytes, err: UnicodeDecodeError):
+        self.line = raw.count(b"\n", 0, err.start) + 1
+        super().__init__(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save the file as UTF-8")
+
+
+def decode_utf8(raw: bytes) -> str:
+    """``raw`` as text, or :class:`NotUtf8Error` naming the line and the byte (config and data
+    files share this, so neither shows a UnicodeDecodeError traceback)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUtf8Error(raw, e) from None
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(decode_utf8(path.read_bytes())) or {}
+    except NotUtf8Error as e:
+        raise ConfigError(f"{path}: line {e.line}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

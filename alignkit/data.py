@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from alignkit.config import NotUtf8Error, decode_utf8
 from alignkit.errors import AlignkitError
 
 Messages = list[dict[str, str]]
@@ -45,10 +46,11 @@ class DataError(AlignkitError, ValueError):
 
 
 def _open_text(path: Path) -> str:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        return decode_utf8(raw)
+    except NotUtf8Error as e:
+        raise DataError(path, e.line, None, str(e)) from None
 
 
 def _json_array_with_lines(text: str, path: Path) -> list[tuple[int, Any]]:

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config import ConfigError, doc
+from alignkit.config import ConfigError, check_range, doc
 from alignkit.errors import TrainingDivergedError
 
 DIVERGED_HINT = "lower learning_rate, or check the data for NaN or huge values (e.g. NaN margins)"
@@ -65,6 +65,10 @@ class TrainingConfig:
     def __post_init__(self):
         if self.trainable_layers is not None and self.lora.enabled:
             raise ConfigError("trainable_layers and lora are alternatives (both limit what trains): set one of them")
+        check_range(self, 1, "save_steps", "save_total_limit", "trainable_layers")
+        check_range(self, 0, "weight_decay")
+        if not (isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < float("inf")):
+            raise ConfigError(f"learning_rate: expected a positive number, got {self.learning_rate!r}")
 
 
 @dataclass
@@ -83,6 +87,17 @@ class TrainerConfig(TrainingConfig):
     grad_accum: int = doc("gradient accumulation steps", 1)
     eval_steps: int = doc("evaluate every N steps", 50)
     logging_steps: int = doc("log every N steps", 10)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_range(self, 1, "max_length", "batch_size", "grad_accum", "eval_steps", "logging_steps")
+        check_range(self, 0, "epochs")
+        check_range(self, 0, "warmup_ratio", high=1)
+        from transformers.trainer_utils import SchedulerType
+
+        known = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in known:
+            raise ConfigError(f"lr_scheduler: unknown {self.lr_scheduler!r}; expected one of {', '.join(known)}")
 
 
 def use_bf16(setting: bool | None) -> bool:

@@ -17,6 +17,7 @@ import numpy as np
 from alignkit.annotation.agreement import FLAG_MARGIN, FLAG_MIN_ITEMS
 from alignkit.annotation.agreement_measures import landis_koch
 from alignkit.plots import figure_png
+from alignkit.runstore import atomic_write_text
 
 HEATMAP_MAX_ANNOTATORS = 25   # heatmaps show the annotators with the most ratings
 HEATMAP_MIN_SHARED = 5        # pairs sharing fewer items are greyed out in the heatmaps
@@ -401,10 +402,9 @@ def write_report(result, out_dir) -> dict:
     result.setdefault("generated_at", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     clean = _json_clean(result)
     paths = {"json": out / "agreement.json", "md": out / "report.md", "html": out / "report.html"}
-    paths["json"].write_text(json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-                             encoding="utf-8")
-    paths["md"].write_text(_render_md(clean), encoding="utf-8")
-    paths["html"].write_text(_render_html(clean, _plots(clean)), encoding="utf-8")
+    atomic_write_text(paths["json"], json.dumps(clean, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_text(paths["md"], _render_md(clean))
+    atomic_write_text(paths["html"], _render_html(clean, _plots(clean)))
     return paths
 
 

@@ -59,6 +59,8 @@ class Http:
                 raise ArgillaError(f"{method} {path}: cannot reach Argilla at {self.url} ({type(e).__name__})") from None
             if r.status_code in ok:
                 return r.json() if r.content else None
+            if r.status_code == 401:
+                raise ArgillaError(refused_key(self.url), 401)
             if r.status_code >= 500 and retry and attempt < self.retries:
                 attempt += 1
                 time.sleep(0.5 * 2 ** attempt)
@@ -79,16 +81,25 @@ class Http:
         return self.request("PUT", path, **kw)
 
 
+def refused_key(url: str) -> str:
+    return (f"Argilla at {url} refused the API key (HTTP 401): check ARGILLA_API_KEY, or unset ARGILLA_API_URL "
+            f"and ARGILLA_API_KEY to use the local server with the key alignkit keeps for it")
+
+
 def sdk_errors(fn):
     """Let the Argilla SDK's own exceptions out of ``fn`` as ArgillaError (exit 1), with the
     SDK's class name and message (the SDK exports no public base class: it is private)."""
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        from argilla._exceptions import ArgillaCredentialsError, UnauthorizedError
         from argilla._exceptions import ArgillaError as SDKError
 
         try:
             return fn(*args, **kwargs)
+        except (ArgillaCredentialsError, UnauthorizedError):
+            conn = next((a for a in args if isinstance(a, Connection)), None)
+            raise ArgillaError(refused_key(conn.url if conn else "the server"), 401) from None
         except SDKError as e:
             raise ArgillaError(f"{type(e).__name__}: {e}") from e
 

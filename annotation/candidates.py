@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import ConfigError, doc, to_dict
+from alignkit.config import check_range, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
 from alignkit.runstore import stage_run, write_jsonl
 
@@ -103,8 +103,7 @@ def load_candidate_prompts(source: str, split: str = "train", max_prompts: int |
 
 def generate(cfg: GenerateConfig, force: bool = False) -> dict:
     """Sample the candidates and write them with a manifest; returns the manifest."""
-    if cfg.k < 1:
-        raise ConfigError(f"k must be at least 1, got {cfg.k}")
+    check_range(cfg, 1, "k", "max_new_tokens", "batch_size", "max_prompts")
     items = load_candidate_prompts(cfg.prompts, cfg.prompts_split, cfg.max_prompts)  # bad input fails here
     if not items:
         raise DataError(cfg.prompts, None, None, "no prompts")

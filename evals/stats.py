@@ -79,7 +79,8 @@ def tie_aware_interval(wins: int, ties: int, losses: int, confidence: float = 0.
     if m == 0:
         return [0.5, 0.5]
     lo, hi = wilson_interval(wins, m, confidence)
-    return [0.5 + m / n * (lo - 0.5), 0.5 + m / n * (hi - 0.5)]
+    rate = (wins + ties / 2) / n  # the ends may miss it by rounding when wins or losses is 0: clamp
+    return [min(0.5 + m / n * (lo - 0.5), rate), max(0.5 + m / n * (hi - 0.5), rate)]
 
 
 def _summarise(diffs: list[float], confidence: float, tie_tolerance: float) -> dict:

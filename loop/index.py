@@ -106,7 +106,7 @@ def _slice_lines(result: dict, interval) -> list[str]:
     slices, source, base = result.get("slices") or {}, result.get("primary_reward"), result.get("baseline")
     if not slices:
         return []
-    lines = ["", f"{'slice':18} {'model':8} {'oracle pass rate':24} {'pass gain vs ' + str(base):26} "
+    lines = ["", f"{'slice':22} {'model':8} {'oracle pass rate':24} {'pass gain vs ' + str(base):26} "
                  f"{'length-controlled':24}"]
     for label, part in slices.items():
         for name, m in part["models"].items():
@@ -116,7 +116,7 @@ def _slice_lines(result: dict, interval) -> list[str]:
             gain_text = "-" if not gain or gain.get("mean") is None else (
                 f"{gain['mean']:+.3f} [{gain['ci'][0]:+.3f}, {gain['ci'][1]:+.3f}]" if gain["ci"][0] is not None
                 else f"{gain['mean']:+.3f}")
-            lines.append(f"{label + ' (' + str(part['n_prompts']) + ')':18} {name:8} "
+            lines.append(f"{label + ' (' + str(part['n_prompts']) + ')':22} {name:8} "
                          f"{interval(oracle.get('pass'), 'rate'):24} {gain_text:26} {interval(lc, 'win_rate'):24}")
     return lines
 

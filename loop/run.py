@@ -177,6 +177,8 @@ class Loop:
             log.info("annotate: every step already completed with this config on these candidates (%s)",
                      self.path("annotate"))
             return 0
+        if self.cfg.annotators == "human" and not self.force:
+            self._refuse_to_repush_silently(verbs)
         local = _local_server(verbs["push"].server_home)
         started_here = local is not None and not local_status(local)["ready"]
         connect(verbs["push"].server_home, start=True)  # the local server, unless ARGILLA_API_URL/KEY name another
@@ -204,6 +206,21 @@ class Loop:
         candidates = Path(verbs["export"].paths()[1])
         used = (read_manifest(self.run / "annotate" / "export").get("inputs", {}).get("candidates") or {}).get("hash")
         return candidates.exists() and used == hash_path(candidates)
+
+    def _refuse_to_repush_silently(self, verbs: dict) -> None:
+        """People may be answering the pushed records: new candidates (a new SFT model, other
+        annotate.generate settings) go to Argilla only when asked for with --force."""
+        pushed = read_manifest(self.run / "annotate" / "push")
+        if not pushed or pushed.get("status") != "completed":
+            return
+        used = (pushed.get("inputs", {}).get("candidates") or {}).get("hash")
+        candidates = Path(verbs["export"].paths()[1])
+        if used and candidates.exists() and used != hash_path(candidates):
+            raise ConfigError(
+                f"annotate: the candidates changed since they were pushed to Argilla for your annotators "
+                f"(a new SFT model or other annotate.generate settings: see {candidates.parent / 'manifest.json'}). "
+                f"Pushing them adds new records beside the ones being answered; run again with --force to do so "
+                f"(answers to the old records stay in Argilla but are no longer exported).")
 
     def _annotate_on_server(self, verbs: dict) -> int:
         """Push, (simulate,) pull and export once the Argilla server answers."""
@@ -256,17 +273,19 @@ class Loop:
     def __call__(self) -> int:
         self.run.mkdir(parents=True, exist_ok=True)
         code = 0
-        for stage in STAGES:
-            if stage not in self.cfg.stages:
-                continue
-            t0 = time.time()
-            print(f"\n=== run: {stage} ===", flush=True)
-            code = getattr(self, stage)() or 0
-            self.timings[stage] = round(time.time() - t0, 1)
-            print(f"=== run: {stage} finished in {self.timings[stage]:.1f} s ===", flush=True)
-            if code:
-                break
-        index = write_index(self.run, self.timings, self.eval_dir)
+        try:
+            for stage in STAGES:
+                if stage not in self.cfg.stages:
+                    continue
+                t0 = time.time()
+                print(f"\n=== run: {stage} ===", flush=True)
+                code = getattr(self, stage)() or 0
+                self.timings[stage] = round(time.time() - t0, 1)
+                print(f"=== run: {stage} finished in {self.timings[stage]:.1f} s ===", flush=True)
+                if code:
+                    break
+        finally:  # a stage that raised still gets the index rewritten: its row says failed
+            index = write_index(self.run, self.timings, self.eval_dir)
         evaluation = self.run / self.eval_dir / "eval.json"
         if evaluation.exists():
             which = "held-out (test)" if self.cfg.evaluate_on == "test" else "validation"

@@ -227,6 +227,7 @@ def evaluate(cfg: RewardEvalConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("reward eval: already completed in %s (use --force to run again)", out)
             return run.previous
+        run.clear_for_fresh_start("eval.json", "report.html")  # no stale report outlives a crash below
         scorer = RewardScorer(model_dir, device=cfg.device, batch_size=cfg.batch_size, max_length=cfg.max_length)
         prompts = [p["prompt"] for p in pairs]
         chosen = [p["chosen"][0]["content"] for p in pairs]

@@ -55,11 +55,12 @@ from alignkit.generation import encode_prompt, left_pad, stop_token_ids
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
 from alignkit.rlhf import ppo_core as core
-from alignkit.rlhf.ppo_checkpoints import MARKER, PREFIX, load_trainable_state, set_rng_state, write_checkpoint
+from alignkit.rlhf.ppo_checkpoints import (MARKER, PREFIX, keep_metrics_up_to, load_trainable_state, set_rng_state,
+                                           write_checkpoint)
 from alignkit.rlhf.ppo_config import PPOConfig
 from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, chunks, generation_config_of,
                                       response_logprobs, response_values, save_policy)
-from alignkit.runstore import atomic_write_text, stage_run
+from alignkit.runstore import stage_run
 from alignkit.training import check_finite, latest_checkpoint, use_bf16
 
 log = logging.getLogger("alignkit.ppo")
@@ -211,12 +212,10 @@ class PPORecipe:
             self.run.notes["resumed_from"] = str(ckpt)
             if self.main:
                 log.info("ppo: resuming from %s (step %d)", ckpt, start_step)
-                if self.metrics_path.exists():  # drop rows logged after the checkpoint by the killed run
-                    rows = [line for line in self.metrics_path.read_text().splitlines()
-                            if line.strip() and json.loads(line)["step"] <= start_step]
-                    atomic_write_text(self.metrics_path, "".join(r + "\n" for r in rows))
         else:
             set_seed(self.cfg.seed + 1000 * self.rank)  # sampling differs across ranks
+        if self.main and self.metrics_path.exists():
+            keep_metrics_up_to(self.metrics_path, start_step)
         self.accelerator.wait_for_everyone()
         return start_step
 

@@ -8,6 +8,7 @@ one (``alignkit.training.complete_checkpoints``), so a half-written checkpoint i
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.runstore import atomic_write_text
 from alignkit.training import complete_checkpoints
 
 log = logging.getLogger("alignkit.ppo")
@@ -83,3 +85,18 @@ def write_checkpoint(root: Path, step: int, accelerator, models: dict[str, torch
             shutil.rmtree(old, ignore_errors=True)
         log.info("ppo: checkpoint %s", final)
     accelerator.wait_for_everyone()
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` with the rows of steps ``<= step`` only: a killed run logged
+    steps after its last checkpoint (all of them, when it died before the first), which the
+    resuming run does again; a line torn by a crash or a full disk is dropped, not fatal."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows.append(line)
+    atomic_write_text(path, "".join(r + "\n" for r in rows))

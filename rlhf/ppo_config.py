@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from alignkit.config import ConfigError, doc
+from alignkit.config import ConfigError, check_range, doc
 from alignkit.rlhf.ppo_core import KL_KINDS
 from alignkit.training import LoraOptions, TrainingConfig
 
@@ -86,6 +86,9 @@ class PPOConfig(TrainingConfig):
 
     def check(self) -> None:
         """What ``__post_init__`` leaves unchecked; called before anything is written."""
+        check_range(self, 1, "total_steps", "rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
+                    "max_new_tokens", "max_prompt_length", "generation_batch_size", "forward_batch_size")
+        check_range(self, 0, "warmup_steps", "kl_coef", "top_k", "vf_coef")
         if (self.reward_model is None) == (self.reward_function is None):
             raise ConfigError("ppo: set exactly one of reward_model and reward_function")
         if self.rollout_batch_size % self.mini_batch_size:

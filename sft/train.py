@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkit.config import ConfigError, add_config_args, doc, load_config, to_dict
+from alignkit.config import ConfigError, add_config_args, check_range, doc, load_config, to_dict
 from alignkit.data import DEMO_DATA, DataError, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
@@ -55,6 +55,11 @@ class SFTStageConfig(TrainerConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_range(self, 0, "val_fraction", "heldout_fraction", high=1)
+        if self.val_fraction + self.heldout_fraction >= 1:
+            raise ConfigError(f"val_fraction + heldout_fraction must leave examples to train on, got "
+                              f"{self.val_fraction} + {self.heldout_fraction}")
+        check_range(self, 1, "max_examples")
         if self.trainable_layers is not None and self.qlora:
             raise ConfigError("sft: trainable_layers and qlora are alternatives (both limit what trains): set one")
 

@@ -194,8 +194,10 @@ def test_binary_tie_in_argilla_keeps_only_pairs_the_annotators_could_tell_apart(
     """Pairs of equally good replies: with a Tie answer the annotators say so and the export drops
     them; without it, the same annotators' coin-flip picks would become training pairs."""
     cands = make_candidates(tmp_path / "candidates" / "candidates.jsonl", 8, 2, seed=3)
-    for c in cands[:3]:  # two replies the oracle scores the same: one reply and a copy with a doubled space
-        c["responses"] = [c["responses"][0], c["responses"][0].replace(" ", "  ", 1)]
+    for c in cands[:3]:  # two replies the oracle scores the same: one reply and a copy with its last space doubled
+        reply = c["responses"][0]
+        at = reply.rindex(" ")  # (not the first: in a bullet list that one belongs to the "- " marker)
+        c["responses"] = [reply, reply[:at] + " " + reply[at:]]
     (tmp_path / "candidates" / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cands))
     common = dict(run_dir=str(tmp_path), mode="binary", binary_tie=True, dataset="ties", workspace="modes")
     push(PushConfig(**common), conn=conn)

@@ -144,7 +144,8 @@ def test_proportion_over_prompts_uses_the_prompts_as_units():
 
 
 def test_eval_numbers_with_several_replies_per_prompt_are_per_prompt_means():
-    from alignkit.evals.evaluate import EvalConfig, compute_results, generation_rows
+    from alignkit.evals.evaluate import EvalConfig
+    from alignkit.evals.results import compute_results, generation_rows
 
     cfg = EvalConfig(models={"sft": "a", "dpo": "b"}, baseline="sft", prompts="held.jsonl", samples_per_prompt=2)
     prompts = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"q{i}"}], "text": f"q{i}"} for i in range(3)]

@@ -113,6 +113,11 @@ def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, ar
     out = capsys.readouterr().out
     assert "waiting for annotators: 0 of 4 records completed" in out
     assert read_manifest(tmp_path / "loop" / "reward") is None  # nothing after annotation ran
+    # A new SFT model means new candidates: with people answering, the loop asks before pushing them.
+    code = run_loop(tmp_path, tiny_model, "annotators=human", "stages=[sft,annotate,reward]",
+                    "annotate.common.dataset=loop-human", "annotate.generate.max_prompts=4", "sft.learning_rate=2e-3")
+    err = capsys.readouterr().err
+    assert code == 2 and "the candidates changed since they were pushed" in err and "--force" in err
 
 
 def test_eval_summary_says_which_models_beat_the_baseline():

@@ -156,6 +156,28 @@ def test_config_mistakes_are_config_errors(tiny_model, prompt_file, tmp_path):
         from_dict(PPOConfig, {"policy": str(tiny_model)})
 
 
+def test_a_run_killed_before_its_first_checkpoint_or_with_a_torn_metrics_line_reruns_cleanly(
+        tiny_model, prompt_file, tmp_path):
+    out = tmp_path / "torn"
+    cfg = ppo_config(tiny_model, prompt_file, out, total_steps=3, save_steps=100)
+    train(from_dict(PPOConfig, cfg))
+    reference = read_metrics(out)
+    # what a run killed before its first checkpoint leaves, its last line torn by a full disk
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    for d in (out / "checkpoints").glob("*"):
+        import shutil
+
+        shutil.rmtree(d)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "score": 0.')
+    manifest = train(from_dict(PPOConfig, cfg))  # the same command again
+    assert manifest["status"] == "completed" and "resumed_from" not in manifest["notes"]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # each step once: no rows appended twice
+    assert_same_metrics(rows, reference)
+
+
 def test_killed_run_resumes_with_the_same_metrics(reference_run, tiny_model, prompt_file, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "killed"

@@ -112,3 +112,83 @@ def test_stage_run_refuses_a_locked_directory_and_proceeds_after_release(tmp_pat
     assert read_manifest(out)["status"] == "completed"
     with stage_run("demo", out, {"k": 1}, {}) as run:  # released on exit: a skipped run takes it too
         assert run.skipped
+
+
+# ------------------------------------------------------------------------------ clear one-line errors
+
+@pytest.mark.parametrize("stage,args,expected", [
+    ("sft", ["batch_size=0"], "batch_size: expected a number >= 1, got 0"),
+    ("sft", ["val_fraction=1.5"], "val_fraction: expected a number in [0, 1), got 1.5"),
+    ("sft", ["val_fraction=0.6", "heldout_fraction=0.5"], "must leave examples to train on"),
+    ("sft", ["lr_scheduler=cosnie"], "lr_scheduler: unknown 'cosnie'; expected one of linear, cosine"),
+    ("sft", ["learning_rate=0"], "learning_rate: expected a positive number, got 0"),
+    ("reward train", ["grad_accum=0"], "grad_accum: expected a number >= 1, got 0"),
+    ("align ppo", ["mini_batch_size=0", "reward_function=x:y"], "mini_batch_size: expected a number >= 1, got 0"),
+    ("eval", ["models={a: x}", "samples_per_prompt=0"], "samples_per_prompt: expected a number >= 1, got 0"),
+    ("annotate generate", ["batch_size=0"], "batch_size: expected a number >= 1, got 0"),
+])
+def test_bad_values_are_one_line_errors(stage, args, expected, tmp_path, capsys):
+    where = "run_dir" if stage.startswith("annotate") else "output_dir"
+    rc = main([*stage.split(), f"{where}={tmp_path / 'out'}", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_data_and_config_files_name_the_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"instruction": "Hi", "input": "", "output": "Hello"}\n{"instruction": "caf\xe9", "output": "x"}\n')
+    rc = main(["sft", f"data={data}", f"output_dir={tmp_path / 'sft'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{data}:2:" in err and "not UTF-8 text (byte 0xe9" in err and "Traceback" not in err
+    config = tmp_path / "c.yaml"
+    config.write_bytes(b"max_steps: 2\n# r\xe9sum\xe9\n")
+    rc = main(["sft", "--config", str(config), f"output_dir={tmp_path / 'sft'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{config}: line 2: not UTF-8 text" in err
+    assert not (tmp_path / "sft").exists()
+
+
+def test_a_wrong_argilla_key_is_a_clear_error(tmp_path, argilla_server, monkeypatch, capsys):
+    monkeypatch.setenv("ARGILLA_API_URL", argilla_server.url)
+    monkeypatch.setenv("ARGILLA_API_KEY", "not-the-key")
+    candidates = tmp_path / "annotate" / "candidates"
+    candidates.mkdir(parents=True)
+    (candidates / "candidates.jsonl").write_text(json.dumps(
+        {"item_id": "i0", "prompt": [{"role": "user", "content": "Q"}], "responses": ["a", "b"]}) + "\n")
+    rc = main(["annotate", "push", f"run_dir={tmp_path / 'annotate'}", "dataset=wrong-key"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err and "not-the-key" not in err
+    assert "API key" in err and argilla_server.url in err
+
+
+# ------------------------------------------------------------------------------ degenerate intervals, stale reports
+
+def test_win_rate_intervals_hold_their_estimate_and_error_bars_are_never_negative():
+    from alignkit.evals.report import _error_bars
+    from alignkit.evals.stats import tie_aware_interval
+
+    for n in range(1, 41):  # every split of up to 40 prompts into wins, ties and losses
+        for wins in range(n + 1):
+            for ties in range(n - wins + 1):
+                lo, hi = tie_aware_interval(wins, ties, n - wins - ties)
+                rate = (wins + ties / 2) / n
+                assert lo <= rate <= hi, (wins, ties, n)
+    assert tie_aware_interval(0, 2, 1)[0] <= 1 / 3  # the case that crashed matplotlib: 0.33333333333333337
+    assert (_error_bars([(1 / 3, 0.33333333333333337, 0.5), (0.5, None, None)]) >= 0).all()
+
+
+def test_an_eval_that_fails_leaves_no_earlier_report_behind(tiny_model, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say {i}."}) + "\n" for i in range(2)))
+    rules = tmp_path / "rules.py"
+    rules.write_text("def fine(prompts, replies):\n    return [0.0] * len(replies)\n"
+                     "def broken(prompts, replies):\n    raise RuntimeError('the rule broke')\n")
+    args = ["eval", f"models={{sft: {tiny_model}}}", f"prompts={prompts}", f"output_dir={tmp_path / 'eval'}",
+            "max_new_tokens=4", "compute_kl=false"]
+    assert main([*args, f"reward_function={rules}:fine"]) == 0
+    assert (tmp_path / "eval" / "report.html").exists()
+    with pytest.raises(RuntimeError, match="the rule broke"):
+        main([*args, f"reward_function={rules}:broken"])
+    assert read_manifest(tmp_path / "eval")["status"] == "failed"
+    assert not (tmp_path / "eval" / "report.html").exists() and not (tmp_path / "eval" / "eval.json").exists()
