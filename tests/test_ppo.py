@@ -15,10 +15,6 @@ use one torch thread (restored afterwards).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +24,7 @@ import yaml
 from alignkit.config import ConfigError, from_dict
 from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
 from alignkit.runstore import read_manifest
+from tests.test_kill_resume import kill_when
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Write a short poem about the sea.",
@@ -184,25 +181,8 @@ def test_killed_run_resumes_with_the_same_metrics(reference_run, tiny_model, pro
     cfg = ppo_config(tiny_model, prompt_file, out)
     config_file = tmp_path / "ppo.yaml"
     config_file.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "align", "ppo", "--config", str(config_file)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first_ckpt = out / "checkpoints" / f"step-{SAVE_EVERY:06d}"
-    try:
-        deadline = time.time() + 240
-        while not first_ckpt.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"PPO subprocess ended (rc {proc.returncode}) before its first checkpoint:\n{proc.stderr.read()[-3000:]}")
-            if time.time() > deadline:
-                pytest.fail("no checkpoint within 240 s")
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed; the test needs more steps"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    kill_when(["align", "ppo", "--config", str(config_file)], ROOT, first_ckpt.exists, "its first checkpoint", 240)
     assert read_manifest(out)["status"] == "running"  # a crash, as far as the run store can tell
     killed_rows = read_metrics(out)
     assert len(killed_rows) < STEPS
