@@ -167,6 +167,25 @@ def _summary_table(result: dict) -> str:
     return "".join(out)
 
 
+def _groups_table(result: dict, key: str) -> str:
+    """Per slice (or constraint type): each model's oracle pass rate, its paired pass gain over the
+    baseline and its length-controlled win rate by the primary reward."""
+    groups, source = result.get(key) or {}, result.get("primary_reward")
+    if not groups:
+        return ""
+    label = "slice" if key == "slices" else "constraint type"
+    out = [f"<table id={_esc(key)}><thead><tr><th>{label}</th><th>prompts</th><th>model</th><th>oracle pass rate</th>"
+           f"<th>pass gain vs {_esc(result['baseline'])}</th><th>LC win rate ({_esc(source or '-')})</th></tr></thead><tbody>"]
+    for name, part in groups.items():
+        for model, m in part["models"].items():
+            o = m.get("oracle") or {}
+            out.append(f"<tr><th>{_esc(name)}</th><td class=num>{part['n_prompts']}</td><td>{_esc(model)}</td>"
+                       f"<td class=num>{_ci(o.get('pass'), 'rate')}</td><td class=num>{_ci(o.get('pass_gain'))}</td>"
+                       f"<td class=num>{_ci((m.get('lc_win_rate') or {}).get(source), 'win_rate')}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
 def _samples_table(result: dict, rows: list[dict], n: int) -> str:
     names = list(result["models"])
     head = "<tr><th>prompt</th>" + "".join(f"<th>{_esc(m)}</th>" for m in names) + "</tr>"
@@ -231,6 +250,12 @@ def render(result: dict, rows: list[dict], samples: int = 12) -> str:
          f"rewards: {_esc(', '.join(f'{k} = {v}' for k, v in result['reward_sources'].items()) or 'none')}; "
          f"intervals: {int(result['confidence'] * 100)}%.</p>"),
         "<h2>Summary</h2>", _summary_table(result),
+        *(["<h2>By slice</h2><p class=meta>The prompts' own slices, e.g. the demo test set's phrasings seen in "
+           "training (demo_phrasing) and phrasings no training or validation prompt uses (heldout_phrasing). "
+           "Pass gain: per prompt, the model's share of passing replies minus the baseline's, averaged.</p>",
+           _groups_table(result, "slices")] if result.get("slices") else []),
+        *(["<h2>By constraint type</h2>", _groups_table(result, "by_constraint_type")]
+          if result.get("by_constraint_type") else []),
         "<h2>Plots</h2><div class=plots>",
         *[f"<img alt='{_esc(alt)}' src='data:image/png;base64,{b64}'>" for alt, b64 in plots],
         "</div>",

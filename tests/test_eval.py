@@ -154,6 +154,10 @@ def test_figures_per_slice_and_constraint_type_agree_with_the_replies(evals):
         assert models["dpo"]["oracle"]["pass_gain"]["mean"] == pytest.approx(sum(gain) / len(members))
     for other in ("mt_bench", "self_instruct"):  # no slice field: no slices
         assert "slices" not in load(evals[other])[0]
+    page = (evals["heldout"] / "report.html").read_text()
+    assert "<table id=slices>" in page and "<table id=by_constraint_type>" in page
+    assert page.count("<th>heldout_phrasing</th>") == 2  # one row per model
+    assert "<table id=slices>" not in (evals["mt_bench"] / "report.html").read_text()
 
 
 def test_prompt_shapes_are_read_as_expected(evals):
