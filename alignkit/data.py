@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 import unicodedata
@@ -310,21 +311,50 @@ class PreferenceData:
     format: str
 
 
+def _implicit_prompt_pair(chosen: Any, rejected: Any, path, line) -> tuple[Messages, str, str, str]:
+    """(prompt, chosen reply, rejected reply, format) of a pair whose prompt is the part the two
+    share, as TRL reads its implicit-prompt datasets:
+
+    * conversational: two conversations with the same turns before a final assistant turn;
+    * HH-RLHF transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."``), parsed into turns;
+    * standard: two texts; the longest common prefix, cut back to a word boundary, is the prompt.
+    """
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        c, r = _check_messages(chosen, path, line, "chosen"), _check_messages(rejected, path, line, "rejected")
+        for key, msgs in (("chosen", c), ("rejected", r)):
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise DataError(path, line, key, "expected a conversation ending with the assistant's reply")
+        if c[:-1] != r[:-1]:
+            raise DataError(path, line, "chosen", "chosen and rejected do not share the turns before the reply",
+                            drop_reason="prompt_mismatch")
+        return c[:-1], c[-1]["content"], r[-1]["content"], "preference-conversational-implicit"
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        raise DataError(path, line, "prompt", "missing, and chosen/rejected are neither two texts nor two conversations")
+    if HH_TURN.match(chosen) and HH_TURN.match(rejected):
+        try:
+            prompt, c_reply, r_reply = split_hh_pair(chosen, rejected)
+        except ValueError as e:
+            mismatch = "share the same prompt" in str(e)
+            raise DataError(path, line, "chosen", str(e), drop_reason="prompt_mismatch" if mismatch else None) from None
+        return prompt, c_reply, r_reply, "hh-rlhf"
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if n < min(len(chosen), len(rejected)):  # the texts part in the middle of a word: the word is the reply's
+        n = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1), 0)
+    if not chosen[:n].strip():
+        raise DataError(path, line, "prompt", "missing, and chosen and rejected share no text to take as the prompt",
+                        drop_reason="prompt_mismatch")
+    return ([{"role": "user", "content": chosen[:n].strip()}], chosen[n:].strip(), rejected[n:].strip(),
+            "preference-implicit")
+
+
 def preference_pair(rec: Any, path, line) -> tuple[dict, str]:
     """One record -> (normalised pair, detected format). Malformed records raise DataError."""
     rec = _require_dict(rec, path, line)
     for key in ("chosen", "rejected"):
         if key not in rec:
             raise DataError(path, line, key, "missing")
-    if "prompt" not in rec:
-        if not (isinstance(rec["chosen"], str) and isinstance(rec["rejected"], str)):
-            raise DataError(path, line, "prompt", "missing (and chosen/rejected are not HH-RLHF transcripts)")
-        try:
-            prompt, chosen, rejected = split_hh_pair(rec["chosen"], rec["rejected"])
-        except ValueError as e:
-            mismatch = "share the same prompt" in str(e)
-            raise DataError(path, line, "chosen", str(e), drop_reason="prompt_mismatch" if mismatch else None) from None
-        fmt = "hh-rlhf"
+    if "prompt" not in rec:  # an implicit prompt: what chosen and rejected share
+        prompt, chosen, rejected, fmt = _implicit_prompt_pair(rec["chosen"], rec["rejected"], path, line)
     else:
         p = rec["prompt"]
         if isinstance(p, str):

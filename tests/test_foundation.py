@@ -227,3 +227,37 @@ def test_tiny_model_generates_with_its_chat_template(tiny_model):
     batch = tok([text, text + " a b c"], return_tensors="pt", padding=True)
     out = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, batch["input_ids"].shape[1] + 4)
+
+
+def test_every_trl_preference_shape_loads_with_its_prompt(tmp_path):
+    """TRL's four preference layouts: explicit or implicit prompt, standard or conversational; an
+    implicit prompt is what chosen and rejected share (the last turns, or the common text)."""
+    user = [{"role": "user", "content": "What colour is the sky?"}]
+    shapes = {
+        "preference": {"prompt": "What colour is the sky?", "chosen": "Blue.", "rejected": "Green."},
+        "preference-conversational": {"prompt": user, "chosen": [{"role": "assistant", "content": "Blue."}],
+                                      "rejected": [{"role": "assistant", "content": "Green."}]},
+        "preference-implicit": {"chosen": "What colour is the sky? Blue.", "rejected": "What colour is the sky? Green."},
+        "preference-conversational-implicit": {"chosen": user + [{"role": "assistant", "content": "Blue."}],
+                                               "rejected": user + [{"role": "assistant", "content": "Green."}]},
+    }
+    for fmt, rec in shapes.items():
+        data = load_preferences(write(tmp_path, f"{fmt}.jsonl", json.dumps(rec)))
+        assert data.format == fmt
+        (pair,) = data.pairs
+        assert pair["prompt"] == user, fmt
+        assert pair["chosen"][0]["content"] == "Blue." and pair["rejected"][0]["content"] == "Green.", fmt
+    # bad records of the implicit shapes still name file, line and field
+    bad = write(tmp_path, "bad.jsonl", "\n".join([
+        json.dumps(shapes["preference"]),
+        json.dumps({"chosen": user + [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "user", "content": "x"}]}),
+    ]))
+    with pytest.raises(DataError) as e:
+        load_preferences(bad)
+    assert e.value.line == 2 and e.value.field == "rejected" and "ending with the assistant's reply" in str(e.value)
+    unrelated = write(tmp_path, "u.jsonl", json.dumps({"chosen": "Blue.", "rejected": "Green."}) + "\n"
+                      + json.dumps(shapes["preference-implicit"]))
+    data = load_preferences(unrelated)  # nothing shared: no prompt, dropped and counted
+    assert len(data.pairs) == 1 and data.dropped["prompt_mismatch"] == 1
+    with pytest.raises(DataError, match="share no text"):
+        load_preferences(unrelated, on_bad_pair="error")
