@@ -357,3 +357,26 @@ def test_eval_batches_are_all_the_same_size():
     assert even_eval_batch_size(13, 8) == 1  # a prime count: one pair per batch, slow but exact
     assert even_eval_batch_size(3, 8) == 3
     assert even_eval_batch_size(0, 8) == 8
+
+
+IMPLICIT_AND_EXPLICIT = {  # TRL's preference layouts, eight records each
+    "standard-explicit": lambda i: {"prompt": f"Is {i} even?", "chosen": "Yes." if i % 2 == 0 else "No.",
+                                    "rejected": "No." if i % 2 == 0 else "Yes."},
+    "standard-implicit": lambda i: {"chosen": f"Is {i} even? {'Yes.' if i % 2 == 0 else 'No.'}",
+                                    "rejected": f"Is {i} even? {'No.' if i % 2 == 0 else 'Yes.'}"},
+    "conversational-implicit": lambda i: {
+        "chosen": [{"role": "user", "content": f"Is {i} even?"}, {"role": "assistant", "content": "Yes." if i % 2 == 0 else "No."}],
+        "rejected": [{"role": "user", "content": f"Is {i} even?"}, {"role": "assistant", "content": "No." if i % 2 == 0 else "Yes."}]},
+}
+
+
+@pytest.mark.parametrize("layout", list(IMPLICIT_AND_EXPLICIT))
+@pytest.mark.parametrize("stage", ["reward train", "align dpo"])
+def test_each_trl_preference_layout_trains(layout, stage, tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [IMPLICIT_AND_EXPLICIT[layout](i) for i in range(8)])
+    out = tmp_path / "run"
+    rc = cli_main([*stage.split(), f"model={tiny_model}", f"data={data}", f"output_dir={out}", "max_length=64",
+                   "batch_size=2", "grad_accum=1", "max_steps=1", "eval_fraction=0.25", "save_steps=1000",
+                   "eval_steps=1000"])
+    assert rc == 0 and read_manifest(out)["status"] == "completed"
+    assert read_manifest(out)["notes"]["split_sizes"]["train"] == 6  # 8 prompts, a quarter held out
