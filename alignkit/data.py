@@ -161,7 +161,7 @@ def _check_messages(value: Any, path, line, key: str) -> Messages:
 # --------------------------------------------------------------------------------------------
 # Instruction data (SFT)
 
-SFT_FORMATS = ("auto", "alpaca", "prompt_completion", "messages")
+SFT_FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "text")
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -177,6 +177,8 @@ def detect_sft_format(rec: dict) -> str:
         return "alpaca"
     if "prompt" in rec and "completion" in rec:
         return "prompt_completion"
+    if "text" in rec and "output" not in rec:
+        return "text"
     return "alpaca"  # the documented default: errors then name the missing Alpaca fields
 
 
@@ -199,8 +201,8 @@ def _protocol_fields(rec: dict, path, line) -> dict:
 
 
 def sft_example(rec: Any, fmt: str, path, line) -> dict:
-    """One record as ``{"prompt", "completion"}`` chat messages, plus its ``split``, ``slice`` and
-    ``constraint`` when the record has them."""
+    """One record as ``{"prompt", "completion"}`` chat messages (or ``{"text"}`` for language
+    modelling), plus its ``split``, ``slice`` and ``constraint`` when the record has them."""
     rec = _require_dict(rec, path, line)
     return {**_sft_messages(rec, fmt, path, line), **_protocol_fields(rec, path, line)}
 
@@ -234,6 +236,8 @@ def _sft_messages(rec: dict, fmt: str, path, line) -> dict:
         if not messages[-1]["content"].strip():
             raise DataError(path, line, f"messages[{len(messages) - 1}].content", "is empty")
         return {"prompt": messages[:-1], "completion": messages[-1:]}
+    if fmt == "text":  # language modelling on plain text (domain adaptation): every token is learnt
+        return {"text": _require_text(rec, "text", path, line)}
     raise DataError(path, line, None, f"unknown format {fmt!r}; expected one of {', '.join(SFT_FORMATS)}")
 
 

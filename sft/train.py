@@ -37,8 +37,8 @@ class SFTStageConfig(TrainerConfig):
     model: str = doc("base model: a local dir, a Hub id, or offline:smollm2-135m-instruct", DEFAULT_MODEL)
     qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
     # data
-    data: str = doc("instruction data: Alpaca JSON/JSONL, prompt/completion or messages JSONL, an HF dataset dir or Hub name; 'demo' is the shipped demo set", "demo")
-    data_format: str = doc("auto, alpaca, prompt_completion or messages", "auto")
+    data: str = doc("instruction data: Alpaca JSON/JSONL, prompt/completion or messages JSONL, plain {text} JSONL (language modelling), an HF dataset dir or Hub name; 'demo' is the shipped demo set", "demo")
+    data_format: str = doc("auto, alpaca, prompt_completion, messages or text", "auto")
     on_bad_record: str = doc("a record with a missing/empty/mistyped field: 'error' stops, 'drop' skips it and counts it in the manifest", "error")
     max_examples: int | None = doc("use only the first N examples (smoke runs)", None)
     # split
@@ -78,8 +78,11 @@ def prepare_data(cfg: SFTStageConfig) -> dict:
         raise ValueError(f"{cfg.data}: too few examples ({len(examples)}) to train after the split")
     if not splits["validation"]:
         splits["validation"] = splits["train"][:1]
-    train_prompts = [e["prompt"] for e in splits["train"]]
-    leakage = {"heldout_split": check_leakage([e["prompt"] for e in splits["heldout"]], train_prompts)}
+    if len({"text" in e for e in examples}) > 1:
+        raise DataError(cfg.data, None, "text", "plain-text records (language modelling) and prompt/completion "
+                                                "records are mixed: give one kind per data set")
+    train_prompts = [e.get("prompt") or e["text"] for e in splits["train"]]  # text: the whole text is checked
+    leakage = {"heldout_split": check_leakage([e.get("prompt") or e["text"] for e in splits["heldout"]], train_prompts)}
     if cfg.extra_heldout:
         leakage["extra_heldout"] = check_leakage([p["prompt"] for p in load_prompts(cfg.extra_heldout)], train_prompts)
     return {"splits": splits, "split_source": split_source, "leakage": leakage, "n_examples": len(examples),
@@ -103,16 +106,17 @@ def split_examples(examples: list[dict], cfg: SFTStageConfig) -> tuple[dict[str,
 
 def prompt_records(examples: list[dict], prefix: str) -> list[dict]:
     """Evaluation prompt records: id, prompt, reference answer, and the example's slice and
-    constraint when it has them."""
+    constraint when it has them. Plain-text (language modelling) examples have no prompt: none."""
     return [{"id": f"{prefix}-{i}", "prompt": e["prompt"], "reference": e["completion"][0]["content"],
              **{k: e[k] for k in ("slice", "constraint") if k in e}}
-            for i, e in enumerate(examples)]
+            for i, e in enumerate(examples) if "prompt" in e]
 
 
 def _messages_only(examples: list[dict]):
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+    return Dataset.from_list([{"text": e["text"]} if "text" in e else {"prompt": e["prompt"], "completion": e["completion"]}
+                              for e in examples])
 
 
 class _RecordingCollator:
@@ -147,7 +151,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
             write_jsonl(out / "validation_prompts.jsonl", prompt_records(splits["validation"], "validation"))
             write_jsonl(out / "train_prompts.jsonl", [{"prompt": prompt_text(e["prompt"]),
                                                        **({"constraint": e["constraint"]} if "constraint" in e else {})}
-                                                      for e in splits["train"]])
+                                                      for e in splits["train"] if "prompt" in e])
         for name in ("train", "validation", "heldout"):
             run.add_output(f"{name}_prompts", out / f"{name}_prompts.jsonl")
         run.notes["split_source"] = data["split_source"]

@@ -192,3 +192,37 @@ def test_two_cpu_processes_train_on_different_data(tmp_path, tiny_model, real_da
     # Up to 4 steps x batch 2 on each rank (a batch fetched before train mode starts is not counted).
     assert 4 <= len(seen0) <= 8 and 4 <= len(seen1) <= 8
     assert not set(seen0) & set(seen1), "the two ranks must train on different examples"
+
+
+SFT_LAYOUTS = {  # TRL's SFT layouts (plus Alpaca), eight records each
+    "language-modelling": lambda i: {"text": f"The number {i} is {'even' if i % 2 == 0 else 'odd'}."},
+    "conversational-language-modelling": lambda i: {"messages": [
+        {"role": "user", "content": f"Is {i} even?"}, {"role": "assistant", "content": "Yes." if i % 2 == 0 else "No."}]},
+    "prompt-completion": lambda i: {"prompt": f"Is {i} even?", "completion": "Yes." if i % 2 == 0 else "No."},
+    "conversational-prompt-completion": lambda i: {"prompt": [{"role": "user", "content": f"Is {i} even?"}],
+                                                   "completion": [{"role": "assistant", "content": "Yes."}]},
+    "alpaca": lambda i: {"instruction": f"Is {i} even?", "input": "", "output": "Yes." if i % 2 == 0 else "No."},
+}
+
+
+@pytest.mark.parametrize("layout", list(SFT_LAYOUTS))
+def test_each_sft_layout_trains(layout, tmp_path, tiny_model):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(SFT_LAYOUTS[layout](i)) + "\n" for i in range(10)))
+    assert sft(tmp_path, tiny_model, data, "max_steps=1", "save_steps=100", "val_fraction=0.2",
+               "heldout_fraction=0.2") == 0
+    m = read_manifest(tmp_path / "sft")
+    assert m["status"] == "completed" and m["metrics"]["global_step"] == 1
+    heldout = (tmp_path / "sft" / "heldout_prompts.jsonl").read_text().splitlines()
+    assert len(heldout) == (0 if layout == "language-modelling" else 2)  # plain text has no prompts to hold out
+
+
+def test_bad_plain_text_records_and_mixed_layouts_are_clear_errors(tmp_path, tiny_model, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    assert sft(tmp_path, tiny_model, data) == 2
+    assert f"{data}:2: field 'text' is empty" in capsys.readouterr().err
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"prompt": "Q", "completion": "A"}) + "\n")
+    assert sft(tmp_path, tiny_model, data) == 2
+    assert "are mixed" in capsys.readouterr().err
+    assert not (tmp_path / "sft").exists()
