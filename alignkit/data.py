@@ -4,9 +4,7 @@ Instruction data (SFT) becomes prompt/completion conversations::
 
     {"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", "content": ...}]}
 
-Preference data (reward, DPO) becomes::
-
-    {"prompt": [...messages], "chosen": [{"role": "assistant", ...}], "rejected": [...], "margin": float?}
+Preference data (reward, DPO) is read by :mod:`alignkit.preferences`.
 
 Bad input raises :class:`DataError` naming the file, the line and the field, before anything is
 written.
@@ -16,11 +14,9 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 import re
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -139,13 +135,13 @@ def _require_text(rec: dict, key: str, path, line, allow_empty: bool = False) ->
     return value
 
 
-def _require_dict(rec: Any, path, line) -> dict:
+def require_dict(rec: Any, path, line) -> dict:
     if not isinstance(rec, dict):
         raise DataError(path, line, None, f"expected a JSON object, got {type(rec).__name__}")
     return rec
 
 
-def _check_messages(value: Any, path, line, key: str) -> Messages:
+def check_messages(value: Any, path, line, key: str) -> Messages:
     if not isinstance(value, list) or not value:
         raise DataError(path, line, key, "expected a non-empty list of {role, content} messages")
     for i, m in enumerate(value):
@@ -203,7 +199,7 @@ def _protocol_fields(rec: dict, path, line) -> dict:
 def sft_example(rec: Any, fmt: str, path, line) -> dict:
     """One record as ``{"prompt", "completion"}`` chat messages (or ``{"text"}`` for language
     modelling), plus its ``split``, ``slice`` and ``constraint`` when the record has them."""
-    rec = _require_dict(rec, path, line)
+    rec = require_dict(rec, path, line)
     return {**_sft_messages(rec, fmt, path, line), **_protocol_fields(rec, path, line)}
 
 
@@ -224,13 +220,13 @@ def _sft_messages(rec: dict, fmt: str, path, line) -> dict:
             raise DataError(path, line, "prompt", "missing")
         if completion is None:
             raise DataError(path, line, "completion", "missing")
-        prompt = [{"role": "user", "content": _require_text(rec, "prompt", path, line)}] if isinstance(prompt, str) else _check_messages(prompt, path, line, "prompt")
-        completion = [{"role": "assistant", "content": _require_text(rec, "completion", path, line)}] if isinstance(completion, str) else _check_messages(completion, path, line, "completion")
+        prompt = [{"role": "user", "content": _require_text(rec, "prompt", path, line)}] if isinstance(prompt, str) else check_messages(prompt, path, line, "prompt")
+        completion = [{"role": "assistant", "content": _require_text(rec, "completion", path, line)}] if isinstance(completion, str) else check_messages(completion, path, line, "completion")
         return {"prompt": prompt, "completion": completion}
     if fmt == "messages":
         if "messages" not in rec:
             raise DataError(path, line, "messages", "missing")
-        messages = _check_messages(rec["messages"], path, line, "messages")
+        messages = check_messages(rec["messages"], path, line, "messages")
         if messages[-1]["role"] != "assistant":
             raise DataError(path, line, "messages", "the last message must be the assistant's reply to learn")
         if not messages[-1]["content"].strip():
@@ -270,161 +266,6 @@ def load_sft_examples(source: str | Path, fmt: str = "auto", split: str = "train
 
 
 # --------------------------------------------------------------------------------------------
-# Preference data (reward model, DPO)
-
-HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
-
-
-def parse_hh_transcript(text: str) -> Messages:
-    """``"\\n\\nHuman: hi\\n\\nAssistant: hello"`` -> chat messages."""
-    parts = HH_TURN.split(text)
-    if len(parts) < 3 or parts[0].strip():
-        raise ValueError("not an HH-RLHF transcript (expected '\\n\\nHuman: ... \\n\\nAssistant: ...')")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
-
-
-def split_hh_pair(chosen: str, rejected: str) -> tuple[Messages, str, str]:
-    """An HH-RLHF pair -> (shared prompt messages, chosen final reply, rejected final reply)."""
-    c, r = parse_hh_transcript(chosen), parse_hh_transcript(rejected)
-    if c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
-        raise ValueError("a transcript does not end with an Assistant turn")
-    if c[:-1] != r[:-1]:
-        raise ValueError("chosen and rejected transcripts do not share the same prompt")
-    return c[:-1], c[-1]["content"], r[-1]["content"]
-
-
-def _as_reply(value: Any, path, line, key: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        msgs = _check_messages(value, path, line, key)
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(path, line, key, "the last message must be the assistant's reply")
-        return msgs[-1]["content"]
-    raise DataError(path, line, key, f"expected a string or a list of messages, got {type(value).__name__}")
-
-
-PAIR_DROP_REASONS = ("identical_replies", "empty_reply", "prompt_mismatch")
-
-
-@dataclass
-class PreferenceData:
-    pairs: list[dict]
-    dropped: dict[str, int]
-    format: str
-
-
-def _implicit_prompt_pair(chosen: Any, rejected: Any, path, line) -> tuple[Messages, str, str, str]:
-    """(prompt, chosen reply, rejected reply, format) of a pair whose prompt is the part the two
-    share, as TRL reads its implicit-prompt datasets:
-
-    * conversational: two conversations with the same turns before a final assistant turn;
-    * HH-RLHF transcripts (``"\\n\\nHuman: ... \\n\\nAssistant: ..."``), parsed into turns;
-    * standard: two texts; the longest common prefix, cut back to a word boundary, is the prompt.
-    """
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        c, r = _check_messages(chosen, path, line, "chosen"), _check_messages(rejected, path, line, "rejected")
-        for key, msgs in (("chosen", c), ("rejected", r)):
-            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
-                raise DataError(path, line, key, "expected a conversation ending with the assistant's reply")
-        if c[:-1] != r[:-1]:
-            raise DataError(path, line, "chosen", "chosen and rejected do not share the turns before the reply",
-                            drop_reason="prompt_mismatch")
-        return c[:-1], c[-1]["content"], r[-1]["content"], "preference-conversational-implicit"
-    if not (isinstance(chosen, str) and isinstance(rejected, str)):
-        raise DataError(path, line, "prompt", "missing, and chosen/rejected are neither two texts nor two conversations")
-    if HH_TURN.match(chosen) and HH_TURN.match(rejected):
-        try:
-            prompt, c_reply, r_reply = split_hh_pair(chosen, rejected)
-        except ValueError as e:
-            mismatch = "share the same prompt" in str(e)
-            raise DataError(path, line, "chosen", str(e), drop_reason="prompt_mismatch" if mismatch else None) from None
-        return prompt, c_reply, r_reply, "hh-rlhf"
-    n = len(os.path.commonprefix([chosen, rejected]))
-    if n < min(len(chosen), len(rejected)):  # the texts part in the middle of a word: the word is the reply's
-        n = max(chosen.rfind(" ", 0, n + 1), chosen.rfind("\n", 0, n + 1), 0)
-    if not chosen[:n].strip():
-        raise DataError(path, line, "prompt", "missing, and chosen and rejected share no text to take as the prompt",
-                        drop_reason="prompt_mismatch")
-    return ([{"role": "user", "content": chosen[:n].strip()}], chosen[n:].strip(), rejected[n:].strip(),
-            "preference-implicit")
-
-
-def preference_pair(rec: Any, path, line) -> tuple[dict, str]:
-    """One record -> (normalised pair, detected format). Malformed records raise DataError."""
-    rec = _require_dict(rec, path, line)
-    for key in ("chosen", "rejected"):
-        if key not in rec:
-            raise DataError(path, line, key, "missing")
-    if "prompt" not in rec:  # an implicit prompt: what chosen and rejected share
-        prompt, chosen, rejected, fmt = _implicit_prompt_pair(rec["chosen"], rec["rejected"], path, line)
-    else:
-        p = rec["prompt"]
-        if isinstance(p, str):
-            if not p.strip():
-                raise DataError(path, line, "prompt", "is empty")
-            prompt = [{"role": "user", "content": p}]
-            fmt = "preference"
-        else:
-            prompt = _check_messages(p, path, line, "prompt")
-            fmt = "preference-conversational"
-        chosen = _as_reply(rec["chosen"], path, line, "chosen")
-        rejected = _as_reply(rec["rejected"], path, line, "rejected")
-    pair = {
-        "prompt": prompt,
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-    }
-    if "margin" in rec and rec["margin"] is not None:
-        if isinstance(rec["margin"], bool) or not isinstance(rec["margin"], (int, float)):
-            raise DataError(path, line, "margin", f"expected a number, got {rec['margin']!r}")
-        pair["margin"] = float(rec["margin"])
-    for key in ("aspects_chosen", "aspects_rejected", "item_id"):
-        if key in rec:
-            pair[key] = rec[key]
-    return pair, fmt
-
-
-def load_preferences(source: str | Path, on_bad_pair: str = "drop", split: str = "train") -> PreferenceData:
-    """Preference pairs from TRL preference JSONL (plain or conversational, optional ``margin``),
-    HH-RLHF transcripts, or an alignkit annotation export.
-
-    Structurally broken records (missing field, wrong type, bad JSON) always raise. Pairs that are
-    well formed but useless (identical replies, an empty reply, HH-RLHF transcripts whose prompts
-    differ) are dropped and counted when ``on_bad_pair="drop"``, or raise when ``"error"``.
-    """
-    if on_bad_pair not in ("drop", "error"):
-        raise ValueError("on_bad_pair must be 'drop' or 'error'")
-    pairs, dropped, formats = [], {r: 0 for r in PAIR_DROP_REASONS}, set()
-    for line, rec in read_dataset_rows(source, split):
-        try:
-            pair, fmt = preference_pair(rec, source, line)
-        except DataError as e:
-            if e.drop_reason is None or on_bad_pair == "error":
-                raise
-            dropped[e.drop_reason] += 1
-            continue
-        formats.add(fmt)
-        chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
-        reason = None
-        if not chosen.strip() or not rejected.strip():
-            reason = "empty_reply"
-            field = "chosen" if not chosen.strip() else "rejected"
-        elif chosen.strip() == rejected.strip():
-            reason, field = "identical_replies", "rejected"
-        if reason:
-            if on_bad_pair == "error":
-                raise DataError(source, line, field, reason.replace("_", " "))
-            dropped[reason] += 1
-            continue
-        pairs.append(pair)
-    if not pairs:
-        raise DataError(source, None, None, f"no usable preference pairs (dropped: {dropped})")
-    return PreferenceData(pairs=pairs, dropped=dropped, format="+".join(sorted(formats)))
-
-
-# --------------------------------------------------------------------------------------------
 # Prompt files (evaluation, candidate generation)
 
 PROMPT_FIELDS = ("prompt", "instruction", "turns", "question", "text")
@@ -458,7 +299,7 @@ def load_prompts(source: str | Path, field: str | None = None, split: str = "tra
             elif isinstance(value, list) and value and all(isinstance(t, str) for t in value):
                 turns, text = value, value[0]
             elif isinstance(value, list):
-                msgs = _check_messages(value, source, line, key)
+                msgs = check_messages(value, source, line, key)
                 prompts.append({"id": ident, "prompt": msgs, "turns": [m["content"] for m in msgs if m["role"] == "user"]})
                 continue
             elif isinstance(value, str):

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import ConfigError, check_range, doc
+from alignkit.trackers import TrackingConfig, run_name, transformers_report_to
 from alignkit.errors import TrainingDivergedError
 
 DIVERGED_HINT = "lower learning_rate, or check the data for NaN or huge values (e.g. NaN margins)"
@@ -40,8 +41,8 @@ class LoraOptions:
 
 
 @dataclass
-class TrainingConfig:
-    """The fields of every training stage: SFT, reward, DPO and PPO."""
+class TrainingConfig(TrackingConfig):
+    """The fields of every training stage: SFT, reward, DPO and PPO (trackers: :class:`TrackingConfig`)."""
 
     # model
     model: str = doc("model to train: the SFT stage's model directory, a local dir, a Hub id, or "
@@ -63,6 +64,7 @@ class TrainingConfig:
     save_total_limit: int = doc("checkpoints kept", 2)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.trainable_layers is not None and self.lora.enabled:
             raise ConfigError("trainable_layers and lora are alternatives (both limit what trains): set one of them")
         check_range(self, 1, "save_steps", "save_total_limit", "trainable_layers")
@@ -113,8 +115,8 @@ def use_bf16(setting: bool | None) -> bool:
 def trainer_arguments(cfg: TrainerConfig, out: Path, bf16: bool, eval_batch_size: int | None = None) -> dict:
     """The keyword arguments every TRL config of ours shares (``SFTConfig``, ``RewardConfig``,
     ``DPOConfig``), from the shared fields; a stage adds its own. Checkpoints go to
-    ``<out>/checkpoints``; TensorBoard is our callback (:func:`tensorboard_callback`), not
-    ``report_to``."""
+    ``<out>/checkpoints``; TensorBoard is our callback (:func:`stage_callbacks`), the other
+    trackers of ``report_to`` are transformers' own."""
     import torch
 
     return dict(
@@ -125,7 +127,7 @@ def trainer_arguments(cfg: TrainerConfig, out: Path, bf16: bool, eval_batch_size
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=eval_batch_size or cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, eval_strategy="steps", eval_steps=cfg.eval_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps, report_to="none",
+        logging_steps=cfg.logging_steps, report_to=transformers_report_to(cfg), run_name=run_name(cfg, out),
         # log a NaN/inf loss as it is (transformers would log the window's mean of the finite ones),
         # so that stop_on_non_finite_loss sees it and the stage fails instead of saving NaN weights
         logging_nan_inf_filter=False,
@@ -254,6 +256,13 @@ def qlora_config(dtype, stage: str):
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
+
+
+def stage_callbacks(cfg: TrainingConfig, out: Path, stage: str) -> list:
+    """The callbacks every TRL stage of ours runs: TensorBoard into ``<out>/tensorboard`` when
+    ``report_to`` names it, and the stop on a non-finite loss."""
+    callbacks = [tensorboard_callback(out / "tensorboard")] if "tensorboard" in cfg.report_to else []
+    return callbacks + [stop_on_non_finite_loss(stage)]
 
 
 def tensorboard_callback(log_dir: Path):

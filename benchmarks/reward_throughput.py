@@ -57,7 +57,7 @@ def main() -> int:
     from trl import RewardConfig
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    from alignkit.data import load_preferences
+    from alignkit.preferences import load_preferences
     from alignkit.models import build_tiny_model, load_tokenizer, resolve_model
     from alignkit.scoring import RewardScorer
     from alignkit.training import use_bf16

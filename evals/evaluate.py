@@ -26,13 +26,14 @@ from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_row
 from alignkit.evals.results import REWARD_MODEL, RULE, flat_metrics, generation_rows, per_reply, with_groups
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
+from alignkit.trackers import Tracker, TrackingConfig
 
 log = logging.getLogger("alignkit.eval")
 
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(TrackingConfig):
     models: dict[str, str] = doc(
         "models to evaluate, name -> model (a model dir, a stage run dir holding model/, offline:NAME or a Hub id), "
         "e.g. {base: offline:smollm2-135m-instruct, sft: runs/quickstart/sft/model, dpo: runs/quickstart/dpo/model}",
@@ -71,6 +72,7 @@ class EvalConfig:
     trust_remote_code: bool = doc("allow model code from the Hub (off unless you trust it)", False)
 
     def __post_init__(self):
+        super().__post_init__()
         check_range(self, 1, "samples_per_prompt", "max_new_tokens", "batch_size", "reward_batch_size",
                     "reward_max_length", "max_prompts", "max_prompt_length", "cpu_threads")
         check_range(self, 0, "top_k", "report_samples")
@@ -324,6 +326,9 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         for key in ("eval.json", "generations.jsonl", "report.html"):
             run.add_output(key.split(".")[0], out / key)
         run.metrics.update(flat_metrics(result))
+        tracker = Tracker(cfg, out, config)
+        tracker.log(run.metrics, step=0)
+        tracker.close()
         _log_summary(result)
     return result
 

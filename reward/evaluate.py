@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from alignkit.config import ConfigError, doc, to_dict
-from alignkit.data import load_preferences
+from alignkit.preferences import load_preferences
 from alignkit.plots import figure_png
 from alignkit.runstore import atomic_write_json, atomic_write_text, read_manifest, stage_run
 from alignkit.stats import wilson_interval

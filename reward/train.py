@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import ConfigError, doc, to_dict
-from alignkit.data import DataError, check_leakage, load_preferences, seeded_split
+from alignkit.data import DataError, check_leakage, seeded_split
+from alignkit.preferences import load_preferences
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
 from alignkit.scoring import conversation_ids, truncate_left
 from alignkit.training import (LoraOptions, TrainerConfig, evaluate_once, even_eval_batch_size, freeze_lower_layers,
-                               lora_config, save_trained_model, stop_on_non_finite_loss, tensorboard_callback,
-                               train_from_last_checkpoint, trainer_arguments, use_bf16)
+                               lora_config, save_trained_model, stage_callbacks, train_from_last_checkpoint,
+                               trainer_arguments, use_bf16)
 
 log = logging.getLogger("alignkit.reward")
 
@@ -314,7 +315,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
             data_collator=_AspectCollator(collator) if aspects else collator,
             train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if has_eval else None,
-            callbacks=[tensorboard_callback(out / "tensorboard"), stop_on_non_finite_loss("reward")],
+            callbacks=stage_callbacks(cfg, out, "reward"),
         )
         trainer.aspect_loss_weight = cfg.aspect_loss_weight
         # Our length policy ran first, so TRL's silent length filter must have dropped nothing.

@@ -29,13 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkit.config import ConfigError, doc, to_dict
-from alignkit.data import check_leakage, load_preferences, prompt_text, seeded_split
+from alignkit.data import check_leakage, prompt_text, seeded_split
+from alignkit.preferences import load_preferences
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import is_main_process, stage_run
 from alignkit.training import (LoraOptions, TrainerConfig, evaluate_once, even_eval_batch_size, freeze_lower_layers,
                                lora_config, qlora_config, qlora_problem, save_trained_model,
-                               score_only_labelled_tokens_on_cpu, stop_on_non_finite_loss, tensorboard_callback,
-                               train_from_last_checkpoint, trainer_arguments, use_bf16)
+                               score_only_labelled_tokens_on_cpu, stage_callbacks, train_from_last_checkpoint,
+                               trainer_arguments, use_bf16)
 
 log = logging.getLogger("alignkit.dpo")
 
@@ -183,7 +184,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         trainer = DPOTrainer(
             model=model, ref_model=ref_model, args=args, processing_class=tokenizer, peft_config=peft_config,
             train_dataset=train_ds, eval_dataset=eval_ds,
-            callbacks=[tensorboard_callback(out / "tensorboard"), stop_on_non_finite_loss("dpo")],
+            callbacks=stage_callbacks(cfg, out, "dpo"),
         )
 
         # TRL drops pairs whose prompt alone fills max_length, silently: count them.

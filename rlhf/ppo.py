@@ -61,6 +61,7 @@ from alignkit.rlhf.ppo_config import PPOConfig
 from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, chunks, generation_config_of,
                                       response_logprobs, response_values, save_policy)
 from alignkit.runstore import stage_run
+from alignkit.trackers import Tracker
 from alignkit.training import check_finite, latest_checkpoint, use_bf16
 
 log = logging.getLogger("alignkit.ppo")
@@ -225,13 +226,16 @@ class PPORecipe:
         """Resume if there is a checkpoint, then run the remaining PPO steps."""
         cfg = self.cfg
         start_step = self.resume()
-        self.writer = None
-        if self.main and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"),
-                                        purge_step=start_step + 1 if start_step else None)
+        self.tracker = Tracker(cfg, self.out, to_dict(cfg), start_step) if self.main else None
         self.history: list[dict] = []
+        try:
+            self.steps(start_step)
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def steps(self, start_step: int) -> None:
+        cfg = self.cfg
         for step in range(start_step + 1, cfg.total_steps + 1):
             t_step = time.perf_counter()
             rollout = self.rollout(step)
@@ -245,8 +249,6 @@ class PPORecipe:
             check_finite("ppo", step, metrics, ("pg_loss", "vf_loss", "score"))
             if step % cfg.save_steps == 0 and step < cfg.total_steps:
                 self.save_checkpoint(step)
-        if self.writer is not None:
-            self.writer.close()
 
     def rollout(self, step: int) -> Rollout:
         """Sample a reply to each of this rank's prompts for ``step``, in batched ``generate`` calls."""
@@ -390,11 +392,7 @@ class PPORecipe:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(metrics) + "\n")
         step = metrics["step"]
-        if self.writer is not None:
-            for k, v in metrics.items():
-                if k != "step":
-                    self.writer.add_scalar(k if "/" in k else f"ppo/{k}", v, step)
-            self.writer.flush()
+        self.tracker.log({k if "/" in k else f"ppo/{k}": v for k, v in metrics.items() if k != "step"}, step)
         log.info("ppo step %d/%d: score %.4f kl %.4f entropy %.3f len %.1f clip %.3f vf_loss %.4f gen %.0f%%",
                  step, self.cfg.total_steps, metrics["score"], metrics["kl"], metrics["entropy"],
                  metrics["response_length"], metrics["pg_clipfrac"], metrics["vf_loss"],
@@ -432,7 +430,7 @@ class PPORecipe:
         rows = read_metrics(self.out) if metrics_path.exists() else self.history
         for key, path in (("model", model_dir), ("metrics", metrics_path), ("checkpoints", self.ckpt_root)):
             run.add_output(key, path)
-        if self.cfg.tensorboard:
+        if "tensorboard" in self.cfg.report_to:
             run.add_output("tensorboard", self.out / "tensorboard")
         run.metrics.update(summarise(rows))
         run.notes.update(processes=self.world, distributed_type=str(self.accelerator.distributed_type),

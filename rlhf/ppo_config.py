@@ -81,8 +81,6 @@ class PPOConfig(TrainingConfig):
     clip_range_value: float | None = doc("value clip epsilon around the rollout's values (null: no clipping)", 0.2)
     vf_coef: float = doc("weight of the value loss in the total loss", 0.1)
     whiten_advantages: bool = doc("normalise advantages per rollout batch (per rank)", True)
-    # logging
-    tensorboard: bool = doc("also write metrics to <output_dir>/tensorboard", True)
 
     def check(self) -> None:
         """What ``__post_init__`` leaves unchecked; called before anything is written."""

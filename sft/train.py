@@ -23,8 +23,8 @@ from alignkit.data import DEMO_DATA, DataError, check_leakage, load_prompts, loa
 from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
 from alignkit.training import (TrainerConfig, evaluate_once, freeze_lower_layers, lora_config, qlora_config,
-                               save_trained_model, score_only_labelled_tokens_on_cpu, stop_on_non_finite_loss,
-                               tensorboard_callback, train_from_last_checkpoint, trainer_arguments, use_bf16)
+                               save_trained_model, score_only_labelled_tokens_on_cpu, stage_callbacks,
+                               train_from_last_checkpoint, trainer_arguments, use_bf16)
 
 log = logging.getLogger("alignkit.sft")
 
@@ -185,7 +185,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         trainer = SFTTrainer(
             model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
             train_dataset=_messages_only(splits["train"]), eval_dataset=_messages_only(splits["validation"]),
-            callbacks=[tensorboard_callback(out / "tensorboard"), stop_on_non_finite_loss("sft")],
+            callbacks=stage_callbacks(cfg, out, "sft"),
         )
         seen: list[str] = []
         if cfg.record_seen_examples:

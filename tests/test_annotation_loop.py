@@ -19,7 +19,7 @@ from alignkit.annotation.pull import PullConfig, pull
 from alignkit.annotation.server import Connection
 from alignkit.annotation.simulate import SimulateConfig, oracle_judge, simulate
 from alignkit.cli import main as alignkit_main
-from alignkit.data import load_preferences
+from alignkit.preferences import load_preferences
 from tests.argilla_fixture import argilla_server, local_config  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow

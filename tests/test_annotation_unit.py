@@ -16,7 +16,7 @@ from alignkit.annotation.gate import GateError
 from alignkit.annotation.pull import latest, read_table, response_value
 from alignkit.annotation.simulate import Annotator, decide, oracle_judge
 from alignkit.config import ConfigError
-from alignkit.data import load_preferences
+from alignkit.preferences import load_preferences
 from alignkit.runstore import stage_run
 
 ROOT = Path(__file__).resolve().parent.parent

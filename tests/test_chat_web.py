@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.data import load_preferences
+from alignkit.preferences import load_preferences
 from alignkit.models import build_tiny_model
 from tests.argilla_fixture import argilla_server  # noqa: F401  (session fixture: a real local Argilla)
 

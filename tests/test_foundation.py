@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from alignkit.config import ConfigError, doc, load_config, parse_overrides
-from alignkit.data import (
-    DataError, load_preferences, load_prompts, load_sft_examples, normalize_text, parse_hh_transcript,
-    read_records, seeded_split, split_hh_pair,
-)
+from alignkit.data import DataError, load_prompts, load_sft_examples, normalize_text, read_records, seeded_split
+from alignkit.preferences import load_preferences, parse_hh_transcript, split_hh_pair
 from alignkit.runstore import atomic_write_json, read_manifest, redact, stage_run
 
 
