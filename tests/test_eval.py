@@ -276,7 +276,8 @@ def test_several_replies_per_prompt(assets, tmp_path, capsys):
     w = result["models"]["dpo"]["win_rate"]["reward_model"]
     assert w["wins"] + w["ties"] + w["losses"] == 4
     page = (out / "report.html").read_text()
-    assert "2 replies per prompt" in page and page.count("<tr>") - 1 < len(rows)  # one sample per prompt shown
+    samples = page[page.index("<h2>Sample generations</h2>"):page.index("<h2>What the numbers mean</h2>")]
+    assert "2 replies per prompt" in page and samples.count("<tr>") - 1 == len(rows) // 2  # one sample per prompt shown
     capsys.readouterr()
     code = main(["eval", f"models={{sft: {assets['first']}}}", f"prompts={assets['heldout']}",
                  f"output_dir={tmp_path / 'greedy'}", "samples_per_prompt=2", "do_sample=false"])
