@@ -102,7 +102,9 @@ class Tracker:
 
                 mlflow.log_metrics({_mlflow_key(k): v for k, v in numbers.items()}, step=step)
             elif tracker == "trackio":
-                run.log(numbers, step=step)
+                import trackio
+
+                trackio.log(numbers, step=step)
 
     def close(self) -> None:
         for tracker, run in self.runs.items():
@@ -112,6 +114,10 @@ class Tracker:
                 import mlflow
 
                 mlflow.end_run()
+            elif tracker == "trackio":
+                import trackio
+
+                trackio.finish()
             else:
                 run.finish()
         self.runs = {}
