@@ -18,7 +18,7 @@ from pathlib import Path
 from alignkit.config import ConfigError, doc
 from alignkit.runstore import redact
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}  # name -> module
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # each the name of its Python package too
 PROJECT = "alignkit"  # the wandb / trackio project and the MLflow experiment unless their env says otherwise
 
 
@@ -42,7 +42,7 @@ def checked_trackers(report_to) -> list[str]:
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"report_to: unknown tracker {name!r}; expected some of {', '.join(TRACKERS)}, or none")
-        if importlib.util.find_spec(TRACKERS[name]) is None:
+        if importlib.util.find_spec(name) is None:
             raise ConfigError(f"report_to: {name} is not installed; pip install {name} (or pip install "
                               f"'alignkit[{name}]'), or drop it from report_to")
     return names
