@@ -28,4 +28,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="session")
+def offline_cache(tmp_path_factory):
+    """(cache, model dir): the offline default model fetched into a fresh cache once per test
+    session, so the download and the conversion really run, once."""
+    from alignkit.offline_models import DEFAULT_OFFLINE_MODEL, resolve_offline
+
+    cache = tmp_path_factory.mktemp("alignkit-cache")
+    return cache, resolve_offline(f"offline:{DEFAULT_OFFLINE_MODEL}", cache_dir=cache)
+
+
 from tests.argilla_fixture import argilla_server  # noqa: E402,F401  (session fixture: a real local Argilla)

@@ -8,14 +8,6 @@ from alignkit import offline_models
 from alignkit.offline_models import DEFAULT_OFFLINE_MODEL, is_offline_name, resolve_offline
 
 
-@pytest.fixture(scope="session")
-def offline_cache(tmp_path_factory):
-    """One fresh cache per test session, so the download and conversion really run, once."""
-    cache = tmp_path_factory.mktemp("alignkit-cache")
-    model_dir = resolve_offline(f"offline:{DEFAULT_OFFLINE_MODEL}", cache_dir=cache)
-    return cache, model_dir
-
-
 def test_offline_names():
     assert is_offline_name("offline:smollm2-135m-instruct")
     assert not is_offline_name("HuggingFaceTB/SmolLM2-135M-Instruct")
