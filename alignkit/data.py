@@ -220,9 +220,10 @@ def _sft_messages(rec: dict, fmt: str, path, line) -> dict:
             raise DataError(path, line, "prompt", "missing")
         if completion is None:
             raise DataError(path, line, "completion", "missing")
+        standard = isinstance(prompt, str) and isinstance(completion, str)
         prompt = [{"role": "user", "content": _require_text(rec, "prompt", path, line)}] if isinstance(prompt, str) else check_messages(prompt, path, line, "prompt")
         completion = [{"role": "assistant", "content": _require_text(rec, "completion", path, line)}] if isinstance(completion, str) else check_messages(completion, path, line, "completion")
-        return {"prompt": prompt, "completion": completion}
+        return {"prompt": prompt, "completion": completion, **({"standard": True} if standard else {})}
     if fmt == "messages":
         if "messages" not in rec:
             raise DataError(path, line, "messages", "missing")

@@ -31,6 +31,27 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# Standard (plain-string) data trained as TRL trains it: the prompt, then the reply and EOS, no
+# role markers. Set as the tokenizer's chat template, it travels with the saved model, so every
+# later reader (generation, scoring, PPO, eval, export) formats prompts the way training did.
+PLAIN_TEXT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def use_text_format(tokenizer, standard_data: bool, standard_as_chat: bool) -> str:
+    """``"plain"`` (and the tokenizer gets :data:`PLAIN_TEXT_TEMPLATE`) when a stage's records are
+    standard strings and no chat template was asked for; else ``"chat"`` (the model's template)."""
+    if standard_data and not standard_as_chat:
+        tokenizer.chat_template = PLAIN_TEXT_TEMPLATE
+        return "plain"
+    return "chat"
+
+
 def resolve_model(name: str) -> str:
     """A name from a config -> what ``from_pretrained`` takes (a local dir or a Hub id)."""
     name = str(name)

@@ -53,11 +53,30 @@ def _as_reply(value: Any, path, line, key: str) -> str:
 PAIR_DROP_REASONS = ("identical_replies", "empty_reply", "prompt_mismatch")
 
 
+STANDARD_FORMATS = ("preference", "preference-implicit")  # prompt and replies as plain strings
+
+
 @dataclass
 class PreferenceData:
     pairs: list[dict]
     dropped: dict[str, int]
-    format: str
+    format: str  # the layouts read, joined with "+"
+
+    source: str = ""
+
+    @property
+    def standard(self) -> bool:
+        """Every record was standard (plain strings): trained as plain text unless asked otherwise."""
+        return set(self.format.split("+")) <= set(STANDARD_FORMATS)
+
+    def check_one_layout(self, standard_as_chat: bool) -> None:
+        """Plain text and chat cannot be trained together: a file mixing standard and conversational
+        records needs ``standard_as_chat`` (TRL refuses such a file too)."""
+        formats = set(self.format.split("+"))
+        if not standard_as_chat and formats & set(STANDARD_FORMATS) and formats - set(STANDARD_FORMATS):
+            raise DataError(self.source, None, "prompt", f"mixes standard (plain-string) and conversational records "
+                                                         f"({', '.join(sorted(formats))}): give one kind per file, or "
+                                                         "set standard_as_chat=true to put all in the chat template")
 
 
 def _implicit_prompt_pair(chosen: Any, rejected: Any, path, line) -> tuple[Messages, str, str, str]:
@@ -92,7 +111,9 @@ def _implicit_prompt_pair(chosen: Any, rejected: Any, path, line) -> tuple[Messa
     if not chosen[:n].strip():
         raise DataError(path, line, "prompt", "missing, and chosen and rejected share no text to take as the prompt",
                         drop_reason="prompt_mismatch")
-    return ([{"role": "user", "content": chosen[:n].strip()}], chosen[n:].strip(), rejected[n:].strip(),
+    # the replies keep the whitespace that parts them from the prompt, as TRL's prompt extraction
+    # does: trained as plain text, prompt + reply must give back the original text
+    return ([{"role": "user", "content": chosen[:n]}], chosen[n:], rejected[n:],
             "preference-implicit")
 
 
@@ -166,4 +187,4 @@ def load_preferences(source: str | Path, on_bad_pair: str = "drop", split: str =
         pairs.append(pair)
     if not pairs:
         raise DataError(source, None, None, f"no usable preference pairs (dropped: {dropped})")
-    return PreferenceData(pairs=pairs, dropped=dropped, format="+".join(sorted(formats)))
+    return PreferenceData(pairs=pairs, dropped=dropped, format="+".join(sorted(formats)), source=str(source))

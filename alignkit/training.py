@@ -80,6 +80,14 @@ class TrainerConfig(TrainingConfig):
     # data
     data: str = doc("training data (each stage names the formats it reads)", "demo")
     max_length: int = doc("token limit per example (prompt + reply)", 512)
+    clean: bool = doc("before training: drop exact and near duplicates and mask personal data and secrets "
+                      "(e-mail, phone, card, IBAN, IP, API keys); counts and cleaned samples go to the manifest", True)
+    near_duplicate_threshold: float = doc("records whose word trigrams overlap at least this much (Jaccard) are "
+                                          "near duplicates (preference pairs: the replies, within one prompt)", 0.9)
+    standard_as_chat: bool = doc("standard records (prompt and replies as plain strings): false trains them as plain "
+                                 "text, the prompt then the reply and EOS, as TRL does (the saved tokenizer keeps a "
+                                 "plain-text template, so later stages read prompts the same way); true wraps them as "
+                                 "a user turn and an assistant reply in the model's chat template", False)
     # schedule
     epochs: float = doc("passes over the training data", 1.0)
     max_steps: int = doc("stop after this many optimiser steps (-1: run the epochs)", -1)
@@ -95,6 +103,8 @@ class TrainerConfig(TrainingConfig):
         check_range(self, 1, "max_length", "batch_size", "grad_accum", "eval_steps", "logging_steps")
         check_range(self, 0, "epochs")
         check_range(self, 0, "warmup_ratio", high=1)
+        if not (isinstance(self.near_duplicate_threshold, (int, float)) and 0 < self.near_duplicate_threshold <= 1):
+            raise ConfigError(f"near_duplicate_threshold: expected a number in (0, 1], got {self.near_duplicate_threshold!r}")
         from transformers.trainer_utils import SchedulerType
 
         known = [t.value for t in SchedulerType]
@@ -258,11 +268,31 @@ def qlora_config(dtype, stage: str):
                               bnb_4bit_compute_dtype=dtype)
 
 
+LOG_HISTORY = "log_history.jsonl"
+
+
 def stage_callbacks(cfg: TrainingConfig, out: Path, stage: str) -> list:
     """The callbacks every TRL stage of ours runs: TensorBoard into ``<out>/tensorboard`` when
-    ``report_to`` names it, and the stop on a non-finite loss."""
+    ``report_to`` names it, the stop on a non-finite loss, and the training curves as JSON lines
+    in ``<out>/log_history.jsonl`` (what sweeps and people read without TensorBoard)."""
     callbacks = [tensorboard_callback(out / "tensorboard")] if "tensorboard" in cfg.report_to else []
-    return callbacks + [stop_on_non_finite_loss(stage)]
+    return callbacks + [stop_on_non_finite_loss(stage), log_history_callback(out / LOG_HISTORY)]
+
+
+def log_history_callback(path: Path):
+    """Rewrites ``path`` with the trainer's whole log history (one JSON object per logged step:
+    train loss, eval metrics, learning rate) at every log, atomically; a resumed run's history comes
+    back with its checkpoint's trainer state, so the file stays whole across interruptions."""
+    from transformers import TrainerCallback
+
+    from alignkit.runstore import finite_json, write_jsonl
+
+    class WriteLogHistory(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                write_jsonl(path, [finite_json(entry) for entry in state.log_history])
+
+    return WriteLogHistory()
 
 
 def tensorboard_callback(log_dir: Path):

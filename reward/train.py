@@ -30,7 +30,8 @@ from pathlib import Path
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import DataError, check_leakage, seeded_split
 from alignkit.preferences import load_preferences
-from alignkit.models import load_tokenizer, resolve_model
+from alignkit.cleaning import clean_for_stage, log_cleaning
+from alignkit.models import load_tokenizer, resolve_model, use_text_format
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
 from alignkit.scoring import conversation_ids, truncate_left
 from alignkit.training import (LoraOptions, TrainerConfig, evaluate_once, even_eval_batch_size, freeze_lower_layers,
@@ -137,11 +138,13 @@ def aspect_target(ratings: dict | None, names: list[str]) -> list[float]:
 def prepare_data(cfg: RewardTrainConfig) -> dict:
     """Load, check and split the pairs. Bad input raises here, before anything is written."""
     data = load_preferences(cfg.data, on_bad_pair=cfg.on_bad_pair)
-    pairs = data.pairs[: cfg.max_pairs] if cfg.max_pairs else data.pairs
+    data.check_one_layout(cfg.standard_as_chat)
+    pairs, cleaning = clean_for_stage(data.pairs, "preference", cfg.clean, cfg.near_duplicate_threshold)
+    pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
     dropped = {"data": data.dropped}
     if cfg.eval_data:
         held = load_preferences(cfg.eval_data, on_bad_pair=cfg.on_bad_pair)
-        train_pairs, eval_pairs = pairs, held.pairs
+        train_pairs, eval_pairs = pairs, clean_for_stage(held.pairs, "preference", cfg.clean, cfg.near_duplicate_threshold)[0]
         dropped["eval_data"] = held.dropped
     else:
         train_pairs, eval_pairs = split_by_prompt(pairs, cfg.eval_fraction, cfg.seed)
@@ -152,7 +155,8 @@ def prepare_data(cfg: RewardTrainConfig) -> dict:
     names = aspect_names(train_pairs) if cfg.aspects else []
     if cfg.aspects and not names:
         raise DataError(cfg.data, None, "aspects_chosen", "aspects=true but no pair carries aspect ratings")
-    return {"train": train_pairs, "eval": eval_pairs, "dropped": dropped, "format": data.format, "leakage": leakage,
+    return {"train": train_pairs, "eval": eval_pairs, "dropped": dropped, "format": data.format,
+            "standard": data.standard, "leakage": leakage, "cleaning": cleaning,
             "n_pairs": len(pairs), "with_margin": with_margin, "aspects": names}
 
 
@@ -257,15 +261,17 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("reward: already completed in %s (use --force to run again)", out)
             return run.previous
-        run.clear_for_fresh_start("checkpoints", "initial_eval.json")  # forced, or another config or input
+        run.clear_for_fresh_start("checkpoints", "initial_eval.json", "log_history.jsonl")  # forced, or another config or input
 
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, padding_side="right")
+        run.notes["text_format"] = use_text_format(tokenizer, data["standard"], cfg.standard_as_chat)
         use_margin = cfg.use_margin and data["with_margin"] > 0
         aspects = data["aspects"]
         train_rows, overlong_train = tokenize_pairs(data["train"], tokenizer, cfg, use_margin, aspects)
         eval_rows, overlong_eval = tokenize_pairs(data["eval"], tokenizer, cfg, use_margin, aspects)
+        log_cleaning("reward", data["cleaning"], "pairs")
         run.notes.update({
-            "format": data["format"], "n_pairs": data["n_pairs"], "dropped_pairs": data["dropped"],
+            "format": data["format"], "n_pairs": data["n_pairs"], "cleaning": data["cleaning"], "dropped_pairs": data["dropped"],
             "split_sizes": {"train": len(data["train"]), "eval": len(data["eval"])},
             "overlength": {"policy": cfg.overlength, "max_length": cfg.max_length,
                            "train": overlong_train, "eval": overlong_eval},

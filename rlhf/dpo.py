@@ -31,7 +31,8 @@ from pathlib import Path
 from alignkit.config import ConfigError, doc, to_dict
 from alignkit.data import check_leakage, prompt_text, seeded_split
 from alignkit.preferences import load_preferences
-from alignkit.models import load_tokenizer, match_tokenizer, resolve_model
+from alignkit.cleaning import clean_for_stage, log_cleaning
+from alignkit.models import load_tokenizer, match_tokenizer, resolve_model, use_text_format
 from alignkit.runstore import is_main_process, stage_run
 from alignkit.training import (LoraOptions, TrainerConfig, evaluate_once, even_eval_batch_size, freeze_lower_layers,
                                lora_config, qlora_config, qlora_problem, save_trained_model,
@@ -99,9 +100,12 @@ def _as_trl_pair(p: dict) -> dict:
 def prepare_data(cfg: DPOStageConfig) -> dict:
     """Load, check and split the pairs; nothing is written here, so bad input leaves no trace."""
     prefs = load_preferences(cfg.data, on_bad_pair=cfg.on_bad_pair)
-    pairs = prefs.pairs[: cfg.max_pairs] if cfg.max_pairs else prefs.pairs
+    prefs.check_one_layout(cfg.standard_as_chat)
+    pairs, cleaning = clean_for_stage(prefs.pairs, "preference", cfg.clean, cfg.near_duplicate_threshold)
+    pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
     if cfg.eval_data:
-        train_pairs, eval_pairs = pairs, load_preferences(cfg.eval_data, on_bad_pair=cfg.on_bad_pair).pairs
+        held = load_preferences(cfg.eval_data, on_bad_pair=cfg.on_bad_pair).pairs
+        train_pairs, eval_pairs = pairs, clean_for_stage(held, "preference", cfg.clean, cfg.near_duplicate_threshold)[0]
     else:
         # Split over prompts, not pairs: the annotation export holds several pairs per prompt
         # (k replies ranked), and a split over pairs would put one prompt on both sides.
@@ -116,7 +120,8 @@ def prepare_data(cfg: DPOStageConfig) -> dict:
                           "raise eval_fraction or give eval_data")
     leakage = check_leakage([p["prompt"] for p in eval_pairs], [p["prompt"] for p in train_pairs])
     return {"train": [_as_trl_pair(p) for p in train_pairs], "eval": [_as_trl_pair(p) for p in eval_pairs],
-            "format": prefs.format, "dropped": prefs.dropped, "leakage": leakage}
+            "format": prefs.format, "standard": prefs.standard, "dropped": prefs.dropped, "leakage": leakage,
+            "cleaning": cleaning}
 
 
 def _implicit_reward_metrics(metrics: dict) -> dict:
@@ -145,8 +150,9 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
             if is_main_process():
                 print(f"dpo: already completed in {out} (use --force to run again)")
             return run.previous
-        run.clear_for_fresh_start("checkpoints", "initial_eval.json")  # forced, or another config or input
-        run.notes.update({"format": data["format"], "dropped_pairs": data["dropped"], "leakage": data["leakage"],
+        run.clear_for_fresh_start("checkpoints", "initial_eval.json", "log_history.jsonl")  # forced, or another config or input
+        log_cleaning("dpo", data["cleaning"], "pairs")
+        run.notes.update({"format": data["format"], "dropped_pairs": data["dropped"], "cleaning": data["cleaning"], "leakage": data["leakage"],
                           "split_sizes": {"train": len(data["train"]), "eval": len(data["eval"])}})
         log.info("dpo: %d train / %d eval pairs (%s); dropped %s; eval prompts also in training: %d exact, %d normalised",
                  len(data["train"]), len(data["eval"]), data["format"], data["dropped"],
@@ -155,6 +161,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         bf16 = use_bf16(cfg.bf16)
         dtype = torch.bfloat16 if bf16 else torch.float32
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+        run.notes["text_format"] = use_text_format(tokenizer, data["standard"], cfg.standard_as_chat)
         quantization_config = qlora_config(dtype, "dpo") if cfg.qlora else None
         load_kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization_config, **load_kw)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from alignkit.config import ConfigError, add_config_args, check_range, doc, load_config, to_dict
 from alignkit.data import DEMO_DATA, DataError, check_leakage, load_prompts, load_sft_examples, prompt_text, seeded_split
-from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model
+from alignkit.cleaning import clean_for_stage, log_cleaning
+from alignkit.models import DEFAULT_MODEL, load_tokenizer, match_tokenizer, resolve_model, use_text_format
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
 from alignkit.training import (TrainerConfig, evaluate_once, freeze_lower_layers, lora_config, qlora_config,
                                save_trained_model, score_only_labelled_tokens_on_cpu, stage_callbacks,
@@ -71,6 +72,7 @@ def _sha(obj) -> str:
 def prepare_data(cfg: SFTStageConfig) -> dict:
     """Load, check and split the data; nothing is written here, so bad input leaves no trace."""
     examples, dropped = load_sft_examples(cfg.data, cfg.data_format, on_bad_record=cfg.on_bad_record)
+    examples, cleaning = clean_for_stage(examples, "sft", cfg.clean, cfg.near_duplicate_threshold)
     if cfg.max_examples:
         examples = examples[: cfg.max_examples]
     splits, split_source = split_examples(examples, cfg)
@@ -81,12 +83,17 @@ def prepare_data(cfg: SFTStageConfig) -> dict:
     if len({"text" in e for e in examples}) > 1:
         raise DataError(cfg.data, None, "text", "plain-text records (language modelling) and prompt/completion "
                                                 "records are mixed: give one kind per data set")
+    standard = sum("standard" in e for e in examples)
+    if 0 < standard < len(examples) and not cfg.standard_as_chat:
+        raise DataError(cfg.data, None, "prompt", f"{standard} of {len(examples)} records are standard (plain-string "
+                                                  "prompt and completion), the rest conversational: give one kind per data set, "
+                                                  "or set standard_as_chat=true to put all in the chat template")
     train_prompts = [e.get("prompt") or e["text"] for e in splits["train"]]  # text: the whole text is checked
     leakage = {"heldout_split": check_leakage([e.get("prompt") or e["text"] for e in splits["heldout"]], train_prompts)}
     if cfg.extra_heldout:
         leakage["extra_heldout"] = check_leakage([p["prompt"] for p in load_prompts(cfg.extra_heldout)], train_prompts)
     return {"splits": splits, "split_source": split_source, "leakage": leakage, "n_examples": len(examples),
-            "dropped": dropped}
+            "dropped": dropped, "standard": standard == len(examples), "cleaning": cleaning}
 
 
 def split_examples(examples: list[dict], cfg: SFTStageConfig) -> tuple[dict[str, list[dict]], str]:
@@ -144,7 +151,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("sft: already completed in %s (use --force to run again)", out)
             return run.previous
-        run.clear_for_fresh_start("checkpoints", "initial_eval.json")  # forced, or another config or input
+        run.clear_for_fresh_start("checkpoints", "initial_eval.json", "log_history.jsonl")  # forced, or another config or input
         splits = data["splits"]
         if is_main_process():
             write_jsonl(out / "heldout_prompts.jsonl", prompt_records(splits["heldout"], "heldout"))
@@ -158,6 +165,8 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         run.notes["leakage"] = data["leakage"]
         run.notes["split_sizes"] = {k: len(v) for k, v in splits.items()}
         run.notes["dropped_records"] = data["dropped"]
+        run.notes["cleaning"] = data["cleaning"]
+        log_cleaning("sft", data["cleaning"])
         leak = data["leakage"]["heldout_split"]
         log.info("sft: %d examples -> %s; held-out leakage: %d exact, %d normalised duplicates",
                  data["n_examples"], run.notes["split_sizes"], leak["exact_duplicates"], leak["normalized_duplicates"])
@@ -165,6 +174,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         bf16 = use_bf16(cfg.bf16)
         dtype = torch.bfloat16 if bf16 else torch.float32
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+        run.notes["text_format"] = use_text_format(tokenizer, data["standard"], cfg.standard_as_chat)
         quantization_config = None
         if cfg.qlora:
             quantization_config = qlora_config(dtype, "sft")

@@ -244,7 +244,8 @@ def test_every_trl_preference_shape_loads_with_its_prompt(tmp_path):
         assert data.format == fmt
         (pair,) = data.pairs
         assert pair["prompt"] == user, fmt
-        assert pair["chosen"][0]["content"] == "Blue." and pair["rejected"][0]["content"] == "Green.", fmt
+        # (an implicit standard pair keeps the space before its replies: prompt + reply is the text)
+        assert pair["chosen"][0]["content"].strip() == "Blue." and pair["rejected"][0]["content"].strip() == "Green.", fmt
     # bad records of the implicit shapes still name file, line and field
     bad = write(tmp_path, "bad.jsonl", "\n".join([
         json.dumps(shapes["preference"]),

@@ -185,7 +185,7 @@ def test_malformed_pairs(tiny_model, tmp_path):
     # Every pair longer than max_length: the run fails inside the stage; the manifest says failed.
     ok = write_jsonl(tmp_path / "ok.jsonl", good)
     out = tmp_path / "run_long"
-    assert cli_main(["reward", "train", f"model={tiny_model}", f"data={ok}", f"output_dir={out}", "max_length=8"]) == 2
+    assert cli_main(["reward", "train", f"model={tiny_model}", f"data={ok}", f"output_dir={out}", "max_length=2"]) == 2  # plain text: q0Good.<eos>
     m = read_manifest(out)
     assert m["status"] == "failed" and "max_length" in m["error"]
     assert not (out / "model").exists()
