@@ -27,6 +27,7 @@ VERBS = {
     "eval": ("alignkit.evals.cli:configure_eval_cli", "held-out prompts: reward, win rates, oracle, diversity"),
     "chat": ("alignkit.loop.chat:configure_cli", "talk to a model (terminal or --web), side by side with --compare"),
     "run": ("alignkit.loop.run:configure_cli", "the whole loop from one config, resumable"),
+    "sweep": ("alignkit.loop.sweep:configure_cli", "A/B test settings of a training stage on validation data, pick the winner"),
     "export": ("alignkit.export:configure_cli", "a trained model as a merged HF directory, a GGUF file or an Ollama model"),
     "model": ("alignkit.model_cli:configure_cli", "fetch the offline default model or build a tiny test model"),
 }

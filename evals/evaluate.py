@@ -64,6 +64,15 @@ class EvalConfig(TrackingConfig):
     reward_max_length: int = doc("reward model input limit in tokens (longer conversations lose their oldest tokens)", 1024)
     compute_kl: bool = doc("estimate KL(model || reference) on each model's own replies (needs a shared vocabulary)", True)
     oracle: bool = doc("score replies with the demo's constraint oracle on prompts that state a checkable constraint", True)
+    general_text: str | None = doc("forgetting check: perplexity on general text no stage trains on; 'builtin' (200 "
+                                   "passages shipped with alignkit, see alignkit/demo/README.md), a {text} JSONL file, "
+                                   "or null to skip", "builtin")
+    general_text_max: int | None = doc("use only the first N general texts (null: all)", None)
+    forgetting_reference: str | None = doc("the model the perplexities are compared to: a name in models or a model "
+                                           "(dir, offline:NAME, Hub id), e.g. the model the loop started from; "
+                                           "default: the KL reference", None)
+    forgetting_threshold: float = doc("flag a model whose general-text perplexity rose by more than this fraction "
+                                      "(with the paired per-text difference's interval above 0)", 0.1)
     confidence: float = doc("confidence level of every interval", 0.95)
     report_samples: int = doc("prompts shown side by side in report.html", 12)
     device: str | None = doc("cuda, cpu, ...; default: CUDA when available", None)
@@ -75,7 +84,8 @@ class EvalConfig(TrackingConfig):
         super().__post_init__()
         check_range(self, 1, "samples_per_prompt", "max_new_tokens", "batch_size", "reward_batch_size",
                     "reward_max_length", "max_prompts", "max_prompt_length", "cpu_threads")
-        check_range(self, 0, "top_k", "report_samples")
+        check_range(self, 0, "top_k", "report_samples", "forgetting_threshold")
+        check_range(self, 1, "general_text_max")
         self.models = {str(k): str(v) for k, v in (self.models or {}).items()}
         if not self.models:
             raise ConfigError("eval: models is empty; give name -> model dir, e.g. models.sft=runs/quickstart/sft/model")
@@ -132,6 +142,19 @@ def load_eval_prompts(cfg: EvalConfig) -> list[dict]:
     if not out:
         raise DataError(source, None, None, "no prompts")
     return out
+
+
+def forgetting_models(cfg: EvalConfig, paths: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """(the reference's name, name -> path of every model the forgetting check measures)."""
+    from alignkit.generation import model_dir_of
+    from alignkit.models import resolve_model
+
+    spec = cfg.forgetting_reference or cfg.kl_reference or cfg.baseline
+    if spec in paths:
+        return spec, dict(paths)
+    path = resolve_model(model_dir_of(spec))
+    named = next((n for n, p in paths.items() if p == path), None)
+    return (named, dict(paths)) if named else ("reference", {"reference": path, **paths})
 
 
 def resolve_models(cfg: EvalConfig) -> dict[str, str]:
@@ -284,9 +307,20 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
     if not cfg.reward_model and not cfg.reward_function:
         log.warning("eval: no reward_model or reward_function: only lengths, KL, diversity and the oracle")
 
+    general_texts, forgetting_paths, forgetting_ref = None, {}, None
+    if cfg.general_text:
+        from alignkit.evals.forgetting import general_text_file, load_general_text
+
+        general_texts = load_general_text(cfg.general_text, cfg.general_text_max)
+        forgetting_ref, forgetting_paths = forgetting_models(cfg, paths)
+
     out = Path(cfg.output_dir)
     inputs = {"prompts": prompts_file(cfg.prompts), "reward_model": cfg.reward_model,
               **{f"model:{n}": p for n, p in paths.items()}}
+    if general_texts:
+        inputs["general_text"] = general_text_file(cfg.general_text)
+        if forgetting_ref not in paths:
+            inputs["forgetting_reference"] = forgetting_paths[forgetting_ref]
     rule_file = (cfg.reward_function or "").rpartition(":")[0]
     if rule_file.endswith(".py"):
         inputs["reward_function"] = rule_file
@@ -316,6 +350,14 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         k = cfg.samples_per_prompt
         constraints, oracle = _oracle(prompts, gens, k) if cfg.oracle else ([None] * len(prompts), None)
         result = {**with_groups(cfg, prompts, gens, scores, constraints, oracle), "prompts": prompts_file(cfg.prompts)}
+        if general_texts:
+            from alignkit.evals.forgetting import forgetting
+
+            hashes = {p: (run.inputs.get(f"model:{n}") or run.inputs.get("forgetting_reference") or {}).get("hash") or p
+                      for n, p in forgetting_paths.items()}
+            result["forgetting"] = forgetting(forgetting_paths, forgetting_ref, general_texts, cfg.forgetting_threshold,
+                                              cfg.confidence, cfg.batch_size, cfg.device, cfg.trust_remote_code,
+                                              out / "cache", lambda path, texts: _fingerprint(hashes[path], texts, cfg.device))
         rows = generation_rows(prompts, gens, scores, constraints, oracle, k)
 
         from alignkit.evals.report import write_report

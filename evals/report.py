@@ -14,6 +14,7 @@ from alignkit.plots import figure_png
 from alignkit.runstore import atomic_write_text
 
 CSS = """
+.bad{color:#b00020}
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0;font-size:.9em}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
@@ -186,6 +187,23 @@ def _groups_table(result: dict, key: str) -> str:
     return "".join(out)
 
 
+def _forgetting_table(result: dict) -> str:
+    f = result.get("forgetting")
+    if not f:
+        return ""
+    out = [f"<p class=meta>Perplexity on {f['texts']} general texts ({f['tokens']} tokens) that no stage trains on, "
+           f"against <b>{_esc(f['reference'])}</b>; a model is flagged when its perplexity rose by more than "
+           f"{f['threshold']:.0%} and the paired per-text difference's interval lies above 0.</p>",
+           "<table id=forgetting><thead><tr><th>model</th><th>perplexity</th><th>change</th>"
+           "<th>per-token NLL difference (nats)</th><th>forgetting</th></tr></thead><tbody>"]
+    for name, m in f["models"].items():
+        flag = "<b class=bad>flagged</b>" if m["flagged"] else ("reference" if name == f["reference"] else "no")
+        out.append(f"<tr><th>{_esc(name)}</th><td class=num>{_fmt(m['perplexity'], 2)}</td>"
+                   f"<td class=num>{m['change']:+.1%}</td><td class=num>{_ci(m['nll_diff'])}</td><td>{flag}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
 def _samples_table(result: dict, rows: list[dict], n: int) -> str:
     names = list(result["models"])
     head = "<tr><th>prompt</th>" + "".join(f"<th>{_esc(m)}</th>" for m in names) + "</tr>"
@@ -213,6 +231,10 @@ EXPLAIN = """
 <dl>
 <dt>Reward</dt><dd>Mean score of the model's replies under each reward source, with a Student-t interval over prompts.
 Reward-model scores are only comparable with each other, not across reward models.</dd>
+<dt>Forgetting</dt><dd>Each model's perplexity on general text that no stage trained on (computed with the
+evaluate metric in alignkit/evals/perplexity_metric.py), its change against the reference model, and the mean per-text
+difference in negative log-likelihood per token with a Student-t interval over texts. A rise means the model lost some
+of its general language ability while it learnt the task.</dd>
 <dt>Win rate</dt><dd>Share of prompts where the model's reply scores higher than the baseline's reply to the same prompt
 (with several replies per prompt: the mean score of its replies); a tie counts half and identical replies always tie. The interval is the Wilson interval of the chance of winning a prompt that is not a tie, scaled by the share of such prompts.</dd>
 <dt>Length-controlled (LC) win rate</dt><dd>Reward models often prefer longer replies. Per prompt, the reward difference
@@ -256,6 +278,7 @@ def render(result: dict, rows: list[dict], samples: int = 12) -> str:
            _groups_table(result, "slices")] if result.get("slices") else []),
         *(["<h2>By constraint type</h2>", _groups_table(result, "by_constraint_type")]
           if result.get("by_constraint_type") else []),
+        *(["<h2>Forgetting (general text)</h2>", _forgetting_table(result)] if result.get("forgetting") else []),
         "<h2>Plots</h2><div class=plots>",
         *[f"<img alt='{_esc(alt)}' src='data:image/png;base64,{b64}'>" for alt, b64 in plots],
         "</div>",

@@ -152,6 +152,9 @@ def flat_metrics(result: dict) -> dict:
         out[f"{name}/distinct_2"] = m["diversity"]["distinct_2"]
         if "oracle" in m:
             out[f"{name}/oracle_pass_rate"] = m["oracle"]["pass"]["rate"]
+    for name, f in (result.get("forgetting") or {}).get("models", {}).items():
+        out[f"{name}/general_perplexity"] = f["perplexity"]
+        out[f"{name}/general_perplexity_change"] = f["change"]
     return out
 
 

@@ -97,7 +97,21 @@ def eval_summary(result: dict) -> str:
         judged = [(what, beats(d)) for what, d in (("the reward model", win), ("the oracle", oracle.get("win_rate"))) if d]
         if judged:
             verdicts.append(f"{name} vs {base}: " + "; ".join(f"by {what}: {v}" for what, v in judged))
-    return "\n".join(lines + ([""] + verdicts if verdicts else []) + _slice_lines(result, interval))
+    return "\n".join(lines + ([""] + verdicts if verdicts else []) + _slice_lines(result, interval)
+                     + _forgetting_lines(result))
+
+
+def _forgetting_lines(result: dict) -> list[str]:
+    """Each model's general-text perplexity and its change against the model the loop started from."""
+    f = result.get("forgetting")
+    if not f:
+        return []
+    lines = ["", f"forgetting: perplexity on {f['texts']} general texts vs {f['reference']} "
+                 f"(flagged above +{f['threshold']:.0%} with the paired interval above 0)"]
+    for name, m in f["models"].items():
+        flag = "  FLAGGED: general ability lost" if m["flagged"] else ""
+        lines.append(f"{name:10} {m['perplexity']:8.2f}  {m['change']:+7.1%}{flag}")
+    return lines
 
 
 def _slice_lines(result: dict, interval) -> list[str]:

@@ -155,7 +155,7 @@ class Loop:
     def eval_wiring(self) -> dict:
         prompts = "heldout_prompts.jsonl" if self.cfg.evaluate_on == "test" else "validation_prompts.jsonl"
         wired = {"models": self.eval_models(), "baseline": "sft", "prompts": self.path("sft", prompts),
-                 "output_dir": self.path(self.eval_dir)}
+                 "output_dir": self.path(self.eval_dir), "forgetting_reference": self.cfg.model}
         if "reward" in self.cfg.stages:
             wired["reward_model"] = self.path("reward", "model")
         return wired
