@@ -341,6 +341,7 @@ class PPORecipe:
                 stats["grad_norm_value"].append(float(accelerator.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm)))
                 self.opt_p.step(), self.opt_v.step()
                 self.opt_p.zero_grad(set_to_none=True), self.opt_v.zero_grad(set_to_none=True)
+        stats["lr"] = [self.sched_p.get_last_lr()[0]]  # the rate this step trained with, before the schedule moves on
         self.sched_p.step(), self.sched_v.step()
         return stats
 
@@ -380,7 +381,7 @@ class PPORecipe:
         vec = self.accelerator.reduce(vec, reduction="mean") if self.world > 1 else vec
         metrics = {"step": step, **{k: round(float(v), 7) for k, v in zip(keys, vec.cpu())}}
         metrics["kl_coef"] = self.kl_ctl.value  # the beta used in this step's rewards
-        metrics["lr"] = self.sched_p.get_last_lr()[0]
+        metrics["lr"] = stats["lr"][0]
         metrics["samples"] = step * cfg.rollout_batch_size * self.world
         return metrics
 
