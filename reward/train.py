@@ -21,6 +21,7 @@ Launch: ``alignkit reward train --config configs/reward.yaml [KEY=VALUE ...]``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -70,6 +71,10 @@ class RewardTrainConfig(TrainerConfig):
     center_rewards_coefficient: float | None = doc("weight of mean((r_c + r_r)^2), pulling rewards towards zero mean "
                                                    "(Eisenstein et al. 2023 recommend 0.01); null = off", None)
     aspect_loss_weight: float = doc("weight of the aspect heads' MSE (ratings 1..5 scaled to -1..1)", 0.5)
+    cache_frozen_features: bool = doc("with trainable_layers (and no LoRA): run the frozen lower blocks once per "
+                                      "sequence before training and reuse their output in every epoch and evaluation "
+                                      "(exact: the same losses and gradients); costs hidden_size x tokens floats of memory",
+                                      True)
     # schedule and optimisation (the shared keys, with the reward stage's defaults)
     epochs: float = doc("passes over the training pairs (one is usual for reward models: they overfit fast)", 1.0)
     learning_rate: float = doc("peak learning rate", 1e-5)
@@ -330,10 +335,22 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
             model.config.id2label = dict(enumerate(labels))
             model.config.label2id = {label: i for i, label in enumerate(labels)}
 
-        # Held-out accuracy before training, measured once (a resumed run reports the same figure).
-        initial = evaluate_once(trainer, out / "initial_eval.json") if has_eval else {}
-        result = train_from_last_checkpoint(trainer, run, "reward")
-        final = trainer.evaluate() if has_eval else {}
+        cache = None
+        if (cfg.cache_frozen_features and cfg.trainable_layers and peft_config is None
+                and cfg.trainable_layers < model.config.num_hidden_layers):
+            from alignkit.feature_cache import FrozenBlockCache
+
+            cache = FrozenBlockCache(model, cfg.trainable_layers)
+            seconds = cache.prefill([r[k] for r in train_rows + eval_rows for k in ("chosen_ids", "rejected_ids")],
+                                    tokenizer.pad_token_id, batch_size=2 * cfg.batch_size)
+            run.notes["feature_cache"] = {"sequences": len(cache.features), "prefill_s": round(seconds, 1)}
+            log.info("reward: frozen blocks' features of %d sequences computed once in %.1f s", len(cache.features), seconds)
+        with cache or contextlib.nullcontext():
+            # Held-out accuracy before training, measured once (a resumed run reports the same figure).
+            initial = evaluate_once(trainer, out / "initial_eval.json") if has_eval else {}
+            result = train_from_last_checkpoint(trainer, run, "reward")
+            final = trainer.evaluate() if has_eval else {}
+        del cache
 
         model_dir = out / "model"
         if peft_config is not None and not cfg.lora.merge:  # the adapters alone, beside the merged model
