@@ -13,6 +13,7 @@ models and their forward passes :mod:`alignkit.rlhf.ppo_models`, the checkpoint 
    (prompt, reply); replies that never produced an EOS are penalised.
 3. **Evaluate the rollout** without gradients: log-probs of the sampled tokens under the policy
    (the "old" log-probs) and under the frozen reference, per-token values from the value model.
+   With ``trainable_layers`` the frozen lower blocks run once per sequence for steps 3 and 5.
 4. **Rewards and advantages.** ``r_t = -beta * KL_t`` per token plus the score on the last token
    (InstructGPT); GAE; advantages whitened.
 5. **Update.** ``ppo_epochs`` passes over shuffled minibatches (gradient accumulation inside a
@@ -20,11 +21,10 @@ models and their forward passes :mod:`alignkit.rlhf.ppo_models`, the checkpoint 
 6. **Bookkeeping.** Adapt the KL coefficient (if adaptive), reduce metrics across ranks, log them
    (``metrics.jsonl`` + TensorBoard), checkpoint every ``save_steps``.
 
-Models: the policy (full or LoRA); a frozen reference (a second copy, or with LoRA the same model
-with its adapter disabled); a value model initialised from the reward model (a
-sequence-classification model whose score head is applied to every token's hidden state); the
-frozen reward model or rule. Dropout is switched off everywhere (N+ details): with dropout the
-"old" log-probs would not be those of the policy that sampled.
+Models: the policy (full or LoRA); a frozen reference (a second copy, or with LoRA the policy with
+its adapter disabled); a value model initialised from the reward model (its score head applied to
+every token's hidden state); the frozen reward model or rule. Dropout is off everywhere (N+
+details): with dropout the "old" log-probs would not be those of the policy that sampled.
 
 Reproducibility and resume: prompt order and minibatch shuffles are pure functions of (seed, step,
 rank); sampling uses the global RNGs, whose states (python, numpy, torch, per rank) are saved in
@@ -33,8 +33,7 @@ killed run started again with the same command continues from its last checkpoin
 same next-step metrics as a run that was never interrupted.
 
 Launch: ``alignkit align ppo --config configs/ppo.yaml [KEY=VALUE ...]``; several processes:
-``torchrun --nproc_per_node 2 -m alignkit.cli align ppo --config ...`` (each rank its own shard of
-prompts; metrics are averaged across ranks).
+``torchrun --nproc_per_node 2 -m alignkit.cli align ppo ...`` (a shard of prompts per rank).
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ from alignkit.rlhf import ppo_core as core
 from alignkit.rlhf.ppo_checkpoints import (MARKER, PREFIX, keep_metrics_up_to, load_trainable_state, set_rng_state,
                                            write_checkpoint)
 from alignkit.rlhf.ppo_config import PPOConfig
-from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, chunks, generation_config_of,
-                                      response_logprobs, response_values, save_policy)
+from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, cached_lower_blocks, chunks, feature_caches,
+                                      generation_config_of, response_logprobs, response_values, save_policy)
 from alignkit.runstore import stage_run
 from alignkit.trackers import Tracker
 from alignkit.training import check_finite, latest_checkpoint, use_bf16
@@ -180,6 +179,8 @@ class PPORecipe:
         self.policy, self.value, self.opt_p, self.opt_v = self.accelerator.prepare(policy, value, opt_p, opt_v)
         self.raw_policy = self.accelerator.unwrap_model(self.policy)
         self.raw_value: TokenValueModel = self.accelerator.unwrap_model(self.value)
+        self.feature_caches = feature_caches(cfg, [self.raw_policy, self.ref, self.raw_value.model])
+        self.run.notes["feature_cache_stores"] = len({id(c.features) for c in self.feature_caches})
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else core.FixedKLController(cfg.kl_coef))
 
@@ -240,9 +241,11 @@ class PPORecipe:
             t_step = time.perf_counter()
             rollout = self.rollout(step)
             self.score(rollout)
-            self.evaluate_rollout(rollout)
-            self.advantages(rollout)
-            stats = self.update(step, rollout)
+            with cached_lower_blocks(self.feature_caches, rollout.input_ids, rollout.attention_mask, self.pad_id,
+                                     cfg.forward_batch_size, self.accelerator.autocast):
+                self.evaluate_rollout(rollout)
+                self.advantages(rollout)
+                stats = self.update(step, rollout)
             metrics = self.metrics(step, rollout, stats, t_step)
             self.kl_ctl.update(metrics["kl"], cfg.rollout_batch_size * self.world)
             self.log(metrics)  # first, so metrics.jsonl shows the step that diverged
@@ -494,3 +497,4 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 __all__ = ["PPOConfig", "PPORecipe", "train", "read_metrics", "load_reward_function", "TokenValueModel"]
+

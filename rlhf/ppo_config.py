@@ -26,6 +26,9 @@ class PPOConfig(TrainingConfig):
     trainable_layers: int | None = doc("train only the top N transformer blocks of the policy and of the value model "
                                        "(embeddings and lower blocks frozen): less compute per update; null = all "
                                        "(not with lora)", None)
+    cache_frozen_features: bool = doc("with trainable_layers: run the frozen lower blocks once per sampled sequence "
+                                      "and step, shared by the policy, the reference and (when it starts from the same "
+                                      "weights) the value model, instead of once per forward pass (exact)", True)
     bf16: bool | None = doc("bf16 autocast; default: on for CUDA GPUs that support it, off on CPU", None)
     output_dir: str = doc("this stage's run directory", "runs/quickstart/ppo")
     seed: int = doc("seed for initialisation, prompt order, minibatch shuffles and sampling", 0)

@@ -8,6 +8,7 @@ sampled responses, with positions counted over real tokens, as ``generate`` does
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -181,3 +182,60 @@ def save_policy(policy, tokenizer, model_dir: Path, merge: bool) -> None:
     again, so the copy would only double the memory."""
     model = policy.merge_and_unload() if merge else policy
     save_model_atomically(model, tokenizer, model_dir, padding_side="right")
+
+
+# --------------------------------------------------------------------------------------------
+# Frozen lower blocks run once per sampled sequence (alignkit.feature_cache)
+
+
+def feature_caches(cfg, models: list) -> list:
+    """Frozen-block caches for the policy, the reference and the value model (None entries are
+    skipped); models whose embeddings and lower blocks hold the same weights share one store, so
+    one lower pass per step serves all of them. Empty without ``trainable_layers`` or with LoRA."""
+    k = cfg.trainable_layers
+    models = [m for m in models if m is not None]
+    if not (cfg.cache_frozen_features and k and not cfg.lora.enabled and k < models[0].config.num_hidden_layers):
+        return []
+    from alignkit.feature_cache import FrozenBlockCache
+
+    caches = []
+    for model in models:
+        twin = next((c for c in caches if _same_frozen_weights(c.model, model, k)), None)
+        caches.append(FrozenBlockCache(model, k, twin.features if twin else None))
+    return caches
+
+
+@contextlib.contextmanager
+def cached_lower_blocks(caches: list, input_ids, attention_mask, pad_id: int, batch_size: int | None, autocast):
+    """While active, the step's forward passes read the frozen blocks' output of its sequences,
+    computed here once per store (the last step's are dropped first). No caches: nothing happens."""
+    from alignkit.feature_cache import real_tokens
+
+    with contextlib.ExitStack() as active:
+        if caches:
+            sequences = real_tokens(input_ids, attention_mask)
+            stores = {}
+            for cache in caches:
+                stores.setdefault(id(cache.features), cache)
+            with autocast():
+                for cache in stores.values():
+                    cache.features.clear()
+                    cache.prefill(sequences, pad_id, batch_size=batch_size or len(sequences))
+            for cache in caches:
+                active.enter_context(cache)
+        yield
+
+
+def _same_frozen_weights(a, b, trainable_layers: int) -> bool:
+    """Whether two models' embeddings and frozen lower blocks hold the same weights."""
+    from alignkit.training import transformer_blocks
+
+    blocks_a, blocks_b = transformer_blocks(a), transformer_blocks(b)
+    if len(blocks_a) != len(blocks_b):
+        return False
+    n = len(blocks_a) - trainable_layers
+    for ma, mb in [(a.get_input_embeddings(), b.get_input_embeddings())] + list(zip(blocks_a[:n], blocks_b[:n])):
+        pa, pb = list(ma.parameters()), list(mb.parameters())
+        if len(pa) != len(pb) or not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(pa, pb)):
+            return False
+    return True

@@ -109,3 +109,34 @@ def test_the_reward_stage_trains_the_same_model_with_the_cache(deep_tiny, tmp_pa
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_ppo_with_the_cache_logs_the_same_metrics(deep_tiny, tmp_path):
+    """PPO with trainable_layers: policy, reference and value model (all from the same weights)
+    share one lower pass per step; the run's metrics match the uncached run's."""
+    from alignkit.config import from_dict
+    from alignkit.rlhf.ppo import PPOConfig, read_metrics, train
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ["Count to ten.", "Give three tips.", "Name a colour.", "Say hi.", "What is 2+2?",
+                                "Write a poem.", "Explain rain.", "Answer in one word."]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        manifests = {}
+        for name, cached in (("cached", True), ("plain", False)):
+            manifests[name] = train(from_dict(PPOConfig, {
+                "model": str(deep_tiny), "reward_model": None, "reward_function": "alignkit.rlhf.rule_rewards:digit_fraction",
+                "prompts": str(prompts), "output_dir": str(tmp_path / name), "seed": 3, "total_steps": 4,
+                "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2, "learning_rate": 5e-3,
+                "max_new_tokens": 10, "save_steps": 100, "trainable_layers": TRAINABLE, "cache_frozen_features": cached}))
+    finally:
+        torch.set_num_threads(before)
+    assert manifests["cached"]["notes"]["feature_cache_stores"] == 1  # one store serves all three models
+    assert manifests["plain"]["notes"]["feature_cache_stores"] == 0
+    a, b = read_metrics(tmp_path / "cached"), read_metrics(tmp_path / "plain")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        for key in ("score", "kl", "pg_loss", "vf_loss", "value_mean", "approx_kl", "entropy"):
+            assert ra[key] == pytest.approx(rb[key], abs=1e-4, rel=1e-4), (ra["step"], key)
