@@ -154,7 +154,8 @@ def forgetting_models(cfg: EvalConfig, paths: dict[str, str]) -> tuple[str, dict
         return spec, dict(paths)
     path = resolve_model(model_dir_of(spec))
     named = next((n for n, p in paths.items() if p == path), None)
-    return (named, dict(paths)) if named else ("reference", {"reference": path, **paths})
+    label = "base" if "base" not in paths else "reference"  # in the loop: the model it started from
+    return (named, dict(paths)) if named else (label, {label: path, **paths})
 
 
 def resolve_models(cfg: EvalConfig) -> dict[str, str]:

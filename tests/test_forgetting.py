@@ -70,7 +70,7 @@ def test_a_model_over_trained_on_one_narrow_text_is_flagged(tiny_model, tmp_path
                  f"prompts={prompts}", f"output_dir={out2}", "max_new_tokens=4", "general_text_max=40",
                  f"forgetting_reference={tiny_model}", "report_samples=1"]) == 0
     f2 = json.loads((out2 / "eval.json").read_text())["forgetting"]
-    assert f2["reference"] == "reference" and f2["models"]["narrow"]["flagged"]
+    assert f2["reference"] == "base" and f2["models"]["narrow"]["flagged"]
     assert f2["models"]["narrow"]["perplexity"] == pytest.approx(narrow_model["perplexity"], rel=1e-6)
 
 
