@@ -58,10 +58,13 @@ class RewardScorer:
         batch_size: sequences per forward pass.
         max_length: longer conversations are cut from the left (oldest prompt tokens first).
         dtype: default bf16 on CUDA when supported, fp32 on CPU.
+        aspect_weights: for a multi-aspect reward model, ``{"reward": w, "<aspect>": w, ...}``:
+            :meth:`score` returns the weighted sum of the heads (None: the reward head alone).
     """
 
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
-                 max_length: int = 1024, dtype: torch.dtype | None = None):
+                 max_length: int = 1024, dtype: torch.dtype | None = None,
+                 aspect_weights: dict[str, float] | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -84,6 +87,16 @@ class RewardScorer:
         # Multi-aspect models: column 0 is the reward, the rest are aspect heads.
         self.aspects = [str(id2label[i]).removeprefix("aspect:") for i in sorted(id2label, key=int)[1:]] \
             if self.model.config.num_labels > 1 else []
+        self.weights = None
+        if aspect_weights:
+            heads = ["reward", *self.aspects]
+            unknown = sorted(set(aspect_weights) - set(heads))
+            if unknown:
+                from alignkit.config import ConfigError
+
+                raise ConfigError(f"aspect_weights: {', '.join(unknown)} not among this reward model's heads "
+                                 f"({', '.join(heads)}; {model_dir})")
+            self.weights = torch.tensor([float(aspect_weights.get(h, 0.0)) for h in heads])
 
     def encode(self, prompts: list[Messages] | list[str], responses: list[str]) -> list[list[int]]:
         if len(prompts) != len(responses):
@@ -116,8 +129,12 @@ class RewardScorer:
         return result
 
     def score(self, prompts: list[Messages] | list[str], responses: list[str]) -> list[float]:
-        """One reward per (prompt, response): ``prompts[i]`` is a message list or plain text."""
-        return self._score_ids(self.encode(prompts, responses)).tolist()
+        """One reward per (prompt, response): ``prompts[i]`` is a message list or plain text. With
+        ``aspect_weights``, the weighted sum of the heads: ``w_reward * reward + sum_a w_a * aspect_a``
+        (aspect heads predict the 1..5 ratings scaled to -1..1; heads not named weigh 0)."""
+        if self.weights is None:
+            return self._score_ids(self.encode(prompts, responses)).tolist()
+        return (self._score_ids(self.encode(prompts, responses), all_heads=True) @ self.weights).tolist()
 
     def score_all_heads(self, prompts: list[Messages] | list[str], responses: list[str]) -> list[list[float]]:
         """``[reward, aspect_1, ...]`` per (prompt, response) (aspects listed in ``self.aspects``)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
-from alignkit.evals.results import REWARD_MODEL, RULE, flat_metrics, generation_rows, per_reply, with_groups
+from alignkit.evals.results import ASPECTS, REWARD_MODEL, RULE, aspect_scores, flat_metrics, generation_rows, per_reply, with_groups
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
 from alignkit.trackers import Tracker, TrackingConfig
@@ -46,6 +46,9 @@ class EvalConfig(TrackingConfig):
     prompt_field: str | None = doc("read the prompt from this field when it is not prompt/instruction/turns/question/text", None)
     max_prompts: int | None = doc("evaluate only the first N prompts (null: all)", None)
     reward_model: str | None = doc("reward model dir (a reward run dir or its model/) scored with alignkit.scoring.RewardScorer; null for none", None)
+    aspect_weights: dict | None = doc("a multi-aspect reward model's heads combined into the reward the win rates "
+                                      "use, as in PPO ({reward: 1.0, helpfulness: 0.5, ...}; null: the reward head); "
+                                      "each aspect's own score is reported per model either way", None)
     reward_function: str | None = doc("rule reward 'module:function' or 'file.py:function', (prompts: list[str], responses: list[str]) -> list[float]; null for none", None)
     output_dir: str = doc("this stage's run directory", "runs/quickstart/eval")
     seed: int = doc("generation seed: every model uses the same seeds (seed + batch index) on the same prompts", 0)
@@ -268,10 +271,19 @@ def _score(cfg: EvalConfig, prompts: list[dict], gens: dict[str, dict]) -> dict[
         from alignkit.scoring import RewardScorer
 
         scorer = RewardScorer(cfg.reward_model, device=cfg.device, batch_size=cfg.reward_batch_size,
-                              max_length=cfg.reward_max_length)
+                              max_length=cfg.reward_max_length, aspect_weights=cfg.aspect_weights)
         messages = per_reply([p["prompt"] for p in prompts], k)
-        scores[REWARD_MODEL] = {name: [float(s) for s in scorer.score(messages, g["texts"])]
-                                for name, g in gens.items()}
+        if scorer.aspects:  # every head once: the (weighted) reward and each aspect's own score
+            import torch
+
+            heads = {name: torch.tensor(scorer.score_all_heads(messages, g["texts"])) for name, g in gens.items()}
+            scores[REWARD_MODEL] = {name: (h @ scorer.weights if scorer.weights is not None else h[:, 0]).tolist()
+                                    for name, h in heads.items()}
+            scores[ASPECTS] = {name: {a: h[:, 1 + i].tolist() for i, a in enumerate(scorer.aspects)}
+                               for name, h in heads.items()}
+        else:
+            scores[REWARD_MODEL] = {name: [float(s) for s in scorer.score(messages, g["texts"])]
+                                    for name, g in gens.items()}
         del scorer
     if cfg.reward_function:
         fn = load_reward_function(cfg.reward_function)
@@ -348,9 +360,12 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         finally:
             torch.set_num_threads(threads)
         scores = _score(cfg, prompts, gens)
+        aspects = scores.pop(ASPECTS, None)
         k = cfg.samples_per_prompt
         constraints, oracle = _oracle(prompts, gens, k) if cfg.oracle else ([None] * len(prompts), None)
         result = {**with_groups(cfg, prompts, gens, scores, constraints, oracle), "prompts": prompts_file(cfg.prompts)}
+        if aspects:
+            result["aspects"] = aspect_scores(aspects, k, cfg.confidence, cfg.aspect_weights)
         if general_texts:
             from alignkit.evals.forgetting import forgetting
 

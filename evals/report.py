@@ -187,6 +187,23 @@ def _groups_table(result: dict, key: str) -> str:
     return "".join(out)
 
 
+def _aspects_table(result: dict) -> str:
+    a = result.get("aspects")
+    if not a:
+        return ""
+    names = list(next(iter(a["models"].values())))
+    weights = a.get("weights")
+    out = [f"<p class=meta>Each head of the multi-aspect reward model, mean over prompts ({_esc(a['scale'])}). "
+           + (f"The reward above combines them with the weights {_esc(weights)}." if weights else
+              "The reward above is the reward head alone.") + "</p>",
+           "<table id=aspects><thead><tr><th>model</th>" + "".join(f"<th>{_esc(n)}</th>" for n in names)
+           + "</tr></thead><tbody>"]
+    for model, per in a["models"].items():
+        out.append(f"<tr><th>{_esc(model)}</th>" + "".join(f"<td class=num>{_ci(per[n])}</td>" for n in names) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
 def _forgetting_table(result: dict) -> str:
     f = result.get("forgetting")
     if not f:
@@ -278,6 +295,7 @@ def render(result: dict, rows: list[dict], samples: int = 12) -> str:
            _groups_table(result, "slices")] if result.get("slices") else []),
         *(["<h2>By constraint type</h2>", _groups_table(result, "by_constraint_type")]
           if result.get("by_constraint_type") else []),
+        *(["<h2>Reward model aspects</h2>", _aspects_table(result)] if result.get("aspects") else []),
         *(["<h2>Forgetting (general text)</h2>", _forgetting_table(result)] if result.get("forgetting") else []),
         "<h2>Plots</h2><div class=plots>",
         *[f"<img alt='{_esc(alt)}' src='data:image/png;base64,{b64}'>" for alt, b64 in plots],

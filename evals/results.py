@@ -9,6 +9,18 @@ from alignkit.evals import stats
 
 RULE = "rule"
 REWARD_MODEL = "reward_model"
+ASPECTS = "aspects"  # a multi-aspect reward model's own heads, reported beside the reward
+
+
+def aspect_scores(aspects: dict[str, dict[str, list[float]]], k: int, conf: float, weights: dict | None) -> dict:
+    """model -> aspect -> mean prediction over prompts (each prompt's replies averaged first) with
+    a Student-t interval; on the -1..1 scale of the training targets (ratings 1..5)."""
+    def means(values):
+        return [sum(values[i * k:(i + 1) * k]) / k for i in range(len(values) // k)]
+
+    return {"weights": weights, "scale": "predicted rating, 1..5 mapped to -1..1 (5 = best)",
+            "models": {name: {a: stats.mean_ci(means(v), conf) for a, v in per_aspect.items()}
+                       for name, per_aspect in aspects.items()}}
 
 
 def per_reply(values: list, k: int) -> list:

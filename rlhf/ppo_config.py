@@ -38,6 +38,10 @@ class PPOConfig(TrainingConfig):
     reward_model: str | None = doc(
         "reward model directory (the reward stage's <run>/model), scored with alignkit.scoring.RewardScorer; "
         "set to null when reward_function is used", "runs/quickstart/reward/model")
+    aspect_weights: dict | None = doc(
+        "a multi-aspect reward model's heads combined into PPO's score: {reward: 1.0, helpfulness: 0.5, ...} "
+        "(aspect heads predict the 1..5 ratings scaled to -1..1; 5 is always the good end; unnamed heads weigh 0); "
+        "null: the reward head alone", None)
     reward_function: str | None = doc(
         "a rule reward instead of a reward model: 'module:function' or 'path/file.py:function', called as "
         "f(prompts: list[str], responses: list[str]) -> list[float] (see rlhf/rule_rewards.py)", None)

@@ -34,7 +34,8 @@ class Reward:
         if cfg.reward_model:
             from alignkit.scoring import RewardScorer
 
-            self.scorer = RewardScorer(resolve_model(cfg.reward_model), device=str(device))
+            self.scorer = RewardScorer(resolve_model(cfg.reward_model), device=str(device),
+                                       aspect_weights=cfg.aspect_weights)
 
     def __call__(self, prompts: list[list[dict]], replies: list[str]) -> torch.Tensor:
         if self.rule is not None:
