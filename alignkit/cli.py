@@ -23,7 +23,7 @@ VERBS = {
     "annotate": ("alignkit.annotation.cli:configure_cli",
                  "candidates -> Argilla -> annotators -> agreement report -> preference pairs"),
     "reward": ("alignkit.reward.cli:configure_cli", "train/evaluate a reward model with the pairwise ranking loss"),
-    "align": ("alignkit.rlhf.cli:configure_cli", "align a policy: DPO or PPO"),
+    "align": ("alignkit.rlhf.cli:configure_cli", "align a policy: DPO, PPO, GRPO or RLOO"),
     "eval": ("alignkit.evals.cli:configure_eval_cli", "held-out prompts: reward, win rates, oracle, diversity, forgetting"),
     "chat": ("alignkit.loop.chat:configure_cli", "talk to a model (terminal or --web), side by side with --compare"),
     "run": ("alignkit.loop.run:configure_cli", "the whole loop from one config, resumable"),
