@@ -38,4 +38,28 @@ def offline_cache(tmp_path_factory):
     return cache, resolve_offline(f"offline:{DEFAULT_OFFLINE_MODEL}", cache_dir=cache)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models are slowed down badly by thread contention on a shared 2-core machine: one torch
+    thread for the module's runs (restored afterwards)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    """The online-RL tests' prompts (PPO, GRPO, RLOO), twice over."""
+    import json
+
+    from tests.test_ppo import PROMPTS
+
+    path = tmp_path_factory.mktemp("rl_prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
+    return path
+
+
 from tests.argilla_fixture import argilla_server  # noqa: E402,F401  (session fixture: a real local Argilla)

@@ -6,33 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from alignkit.cli import main
 from alignkit.config import ConfigError, from_dict
 from alignkit.rlhf.online import OnlineRLConfig
 from alignkit.runstore import read_manifest
 from tests.test_kill_resume import kill_when
-from tests.test_ppo import PROMPTS, ROOT
+from tests.test_ppo import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 RULE = "alignkit.rlhf.rule_rewards:digit_fraction"  # share of digits in the reply: dense, learnable
 RATES = {"grpo": 5e-3, "rloo": 1e-2}  # seeds 0-2 each gained +0.10 to +0.15 in 16 steps at these rates
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("online_prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
-    return path
 
 
 def args(method, tiny_model, prompt_file, out, *extra):

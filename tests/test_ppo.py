@@ -33,22 +33,7 @@ PROMPTS = ["Give three tips for staying healthy.", "What is the capital of Franc
 STEPS, SAVE_EVERY = 16, 4
 KL_BOUND = 12.0  # nats per sequence; with beta 0.05 the tiny policy stays below ~6 (seeds 0-3)
 TIME_KEYS = {"time/step_s", "time/generation_share"}
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ppo_prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
-    return path
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def ppo_config(tiny_model, prompt_file, out_dir, **overrides) -> dict:

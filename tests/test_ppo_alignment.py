@@ -6,8 +6,6 @@ that does not learn)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,24 +20,7 @@ from alignkit.runstore import read_manifest
 from tests.test_kill_resume import kill_when
 from tests.test_ppo import ROOT, assert_same_metrics, ppo_config
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> Path:
-    from tests.test_ppo import PROMPTS
-
-    path = tmp_path_factory.mktemp("ppo_prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 2))
-    return path
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
