@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config import ConfigError, doc, to_dict
+from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import DataError, check_leakage, seeded_split
 from alignkit.preferences import load_preferences
 from alignkit.cleaning import clean_for_stage, log_cleaning
@@ -52,6 +52,10 @@ class RewardTrainConfig(TrainerConfig):
     lora: LoraOptions = field(default_factory=LoraOptions, metadata={"help": "LoRA options (the score head is fully "
         "trained). <output_dir>/model is always a plain merged model (what RewardScorer loads); lora.merge=false "
         "also saves the adapters alone to <output_dir>/adapter"})
+    backbone_layers: int | None = doc("keep only the backbone's lowest N transformer blocks (and its embeddings): a "
+                                      "smaller reward model that costs N/L of the full one everywhere it runs (training, "
+                                      "PPO's scores and value model, evaluation); trainable_layers then counts from its "
+                                      "new top; null: every block", None)
     aspects: bool = doc("also train one head per aspect rating found in the data (aspects_chosen/aspects_rejected)", False)
     # data
     data: str = doc("preference pairs: annotation export JSONL, TRL preference JSONL (plain or conversational, "
@@ -92,6 +96,10 @@ class RewardTrainConfig(TrainerConfig):
             raise ConfigError(f"on_bad_pair: expected 'drop' or 'error', got {self.on_bad_pair!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction: expected a number in [0, 1), got {self.eval_fraction}")
+        check_range(self, 1, "backbone_layers")
+        if self.backbone_layers and self.trainable_layers and self.trainable_layers > self.backbone_layers:
+            raise ConfigError(f"trainable_layers ({self.trainable_layers}) must not exceed backbone_layers "
+                              f"({self.backbone_layers})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +258,23 @@ class _AspectCollator:
 # The recipe
 
 
+def backbone_overrides(model_path: str, layers: int | None) -> dict:
+    """Config overrides that load only the lowest ``layers`` blocks (the upper blocks' weights are
+    simply not read); {} for the whole backbone."""
+    if not layers:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    total = config.num_hidden_layers
+    if layers > total:
+        raise ConfigError(f"backbone_layers: {layers}, but {model_path} has {total} blocks")
+    overrides = {"num_hidden_layers": layers}
+    if isinstance(getattr(config, "layer_types", None), list):  # per-block attention kinds (sliding/full)
+        overrides["layer_types"] = config.layer_types[:layers]
+    return overrides
+
+
 def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
     data = prepare_data(cfg)  # bad input fails here and leaves nothing behind
 
@@ -260,6 +285,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
     from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcls_warning
 
     model_path = resolve_model(cfg.model)
+    backbone = backbone_overrides(model_path, cfg.backbone_layers)  # before any write: a bad size leaves nothing
     out = Path(cfg.output_dir)
     inputs = {"data": cfg.data, "eval_data": cfg.eval_data, "model": model_path}
     with stage_run("reward", out, to_dict(cfg), inputs, force) as run:
@@ -302,7 +328,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(
                 model_path, num_labels=len(labels), dtype=torch.bfloat16 if bf16 else torch.float32,
-                trust_remote_code=cfg.trust_remote_code)
+                trust_remote_code=cfg.trust_remote_code, **backbone)
         # (alignkit.models.match_tokenizer also sets a generation_config, which these models lack)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))

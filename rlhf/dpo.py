@@ -28,7 +28,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignkit.config import ConfigError, doc, to_dict
+from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import check_leakage, prompt_text, seeded_split
 from alignkit.preferences import load_preferences
 from alignkit.cleaning import clean_for_stage, log_cleaning
@@ -62,6 +62,9 @@ class DPOStageConfig(TrainerConfig):
                                "implicit-reward evaluation", 0.1)
     on_bad_pair: str = doc("well-formed but useless pairs (identical or empty replies): 'drop' (counted) or 'error'", "drop")
     max_pairs: int | None = doc("use only the first N pairs (smoke runs)", None)
+    pairs_per_prompt: int | None = doc("train on at most N pairs per prompt, those with the largest margin (a ranking "
+                                       "of k replies gives k(k-1)/2 pairs; 1 keeps the clearest, usually best vs worst); "
+                                       "held-out pairs are all kept; null: every pair", None)
     max_length: int = doc("truncate prompt + reply to this many tokens (the end of long replies is cut)", 512)
     # loss
     loss_type: list[str] = doc("DPO loss(es): sigmoid (DPO), ipo, hinge (SLiC), robust, exo_pair, nca_pair, bco_pair, "
@@ -85,6 +88,7 @@ class DPOStageConfig(TrainerConfig):
             raise ConfigError(f"dpo: {len(self.loss_weights)} loss_weights for {len(self.loss_type)} loss types")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError("dpo: eval_fraction must be in [0, 1)")
+        check_range(self, 1, "pairs_per_prompt")
         if self.trainable_layers is not None and self.qlora:  # (with lora.enabled the config cannot be built)
             raise ConfigError("dpo: trainable_layers and qlora are alternatives (both limit what trains): set one")
         if self.qlora:
@@ -113,6 +117,9 @@ def prepare_data(cfg: DPOStageConfig) -> dict:
         held = set(seeded_split(keys, {"train": 0, "eval": cfg.eval_fraction}, cfg.seed)["eval"])
         train_pairs = [p for p in pairs if prompt_text(p["prompt"]) not in held]
         eval_pairs = [p for p in pairs if prompt_text(p["prompt"]) in held]
+    n_before = len(train_pairs)
+    if cfg.pairs_per_prompt:
+        train_pairs = clearest_pairs(train_pairs, cfg.pairs_per_prompt)
     if not train_pairs:
         raise ConfigError(f"{cfg.data}: no training pairs left after the split ({len(pairs)} pairs)")
     if not eval_pairs:
@@ -121,7 +128,19 @@ def prepare_data(cfg: DPOStageConfig) -> dict:
     leakage = check_leakage([p["prompt"] for p in eval_pairs], [p["prompt"] for p in train_pairs])
     return {"train": [_as_trl_pair(p) for p in train_pairs], "eval": [_as_trl_pair(p) for p in eval_pairs],
             "format": prefs.format, "standard": prefs.standard, "dropped": prefs.dropped, "leakage": leakage,
-            "cleaning": cleaning}
+            "cleaning": cleaning, "not_clearest": n_before - len(train_pairs)}
+
+
+def clearest_pairs(pairs: list[dict], n: int) -> list[dict]:
+    """At most ``n`` pairs per prompt, largest ``margin`` first (a pair without one counts as 0;
+    equal margins keep the file's order), in the order the kept pairs had."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_prompt.setdefault(prompt_text(p["prompt"]), []).append(i)
+    keep = set()
+    for idx in by_prompt.values():
+        keep.update(sorted(idx, key=lambda i: -float(pairs[i].get("margin") or 0.0))[:n])
+    return [p for i, p in enumerate(pairs) if i in keep]
 
 
 def _implicit_reward_metrics(metrics: dict) -> dict:
@@ -153,6 +172,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         run.clear_for_fresh_start("checkpoints", "initial_eval.json", "log_history.jsonl")  # forced, or another config or input
         log_cleaning("dpo", data["cleaning"], "pairs")
         run.notes.update({"format": data["format"], "dropped_pairs": data["dropped"], "cleaning": data["cleaning"], "leakage": data["leakage"],
+                          "pairs_per_prompt": {"limit": cfg.pairs_per_prompt, "left_out": data["not_clearest"]},
                           "split_sizes": {"train": len(data["train"]), "eval": len(data["eval"])}})
         log.info("dpo: %d train / %d eval pairs (%s); dropped %s; eval prompts also in training: %d exact, %d normalised",
                  len(data["train"]), len(data["eval"]), data["format"], data["dropped"],

@@ -156,3 +156,30 @@ def test_cpu_fused_head_scores_only_labelled_tokens_with_the_same_result(tiny_mo
     (lp_all, grad_all), (lp_labelled, grad_labelled) = results
     assert torch.allclose(lp_all, lp_labelled, atol=1e-5) and (lp_labelled[labels[:, 1:] == -100] == 0).all()
     assert torch.allclose(grad_all, grad_labelled, atol=1e-5) and grad_all.abs().sum() > 0
+
+
+def test_pairs_per_prompt_keeps_the_clearest_pairs_of_each_prompt(tmp_path):
+    """A ranking of k replies exports k(k-1)/2 pairs per prompt; pairs_per_prompt=1 trains on the one
+    with the largest margin (best vs worst), and the held-out pairs stay whole."""
+    from alignkit.rlhf.dpo import prepare_data
+
+    rows = []
+    for prompt in ("p1", "p2", "p3", "p4", "p5", "p6"):
+        for chosen, rejected, margin in (("a", "b", 1 / 3), ("a", "d", 1.0), ("b", "d", 2 / 3), ("c", "d", 1 / 3)):
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": f"{prompt} {chosen}"}],
+                         "rejected": [{"role": "assistant", "content": f"{prompt} {rejected}"}], "margin": margin})
+    data = tmp_path / "ranked.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = {"data": str(data), "eval_fraction": 0.34, "output_dir": str(tmp_path / "dpo")}
+    everything = prepare_data(from_dict(DPOStageConfig, base))
+    clearest = prepare_data(from_dict(DPOStageConfig, {**base, "pairs_per_prompt": 1}))
+    n_train_prompts = len({p["prompt"][0]["content"] for p in everything["train"]})
+    assert len(everything["train"]) == 4 * n_train_prompts and clearest["not_clearest"] == 3 * n_train_prompts
+    assert [p["rejected"][0]["content"].split()[1] for p in clearest["train"]] == ["d"] * n_train_prompts
+    assert [p["chosen"][0]["content"].split()[1] for p in clearest["train"]] == ["a"] * n_train_prompts
+    assert clearest["eval"] == everything["eval"] and len(clearest["eval"]) == 4 * (6 - n_train_prompts)
+    two = prepare_data(from_dict(DPOStageConfig, {**base, "pairs_per_prompt": 2}))
+    assert [p["rejected"][0]["content"].split()[1] for p in two["train"]][:2] == ["d", "d"]
+    with pytest.raises(ConfigError, match="pairs_per_prompt"):
+        from_dict(DPOStageConfig, {**base, "pairs_per_prompt": 0}).check()

@@ -283,6 +283,34 @@ def test_trainable_layers_freezes_the_lower_blocks_and_still_learns(tiny_model, 
                                 output_dir=str(tmp_path / "bad")))
 
 
+def test_backbone_layers_keeps_the_lowest_blocks_and_the_smaller_model_learns(tiny_model, tmp_path):
+    """backbone_layers=1 of the tiny model's 2 blocks: the saved reward model has one block, whose
+    frozen weights are the backbone's lowest block (not its top one), and it still learns the rule."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    train_file = write_jsonl(tmp_path / "a.jsonl", synthetic_pairs(96, seed=5))
+    eval_file = write_jsonl(tmp_path / "b.jsonl", synthetic_pairs(24, seed=6))
+    run = tmp_path / "run"
+    m = train(RewardTrainConfig(model=str(tiny_model), data=str(train_file), eval_data=str(eval_file),
+                                backbone_layers=1, output_dir=str(run), max_length=128, epochs=3, learning_rate=2e-3,
+                                batch_size=16, eval_steps=1000, save_steps=1000, logging_steps=1000))
+    assert m["notes"]["parameters"]["total_layers"] == 1
+    assert m["metrics"]["eval_accuracy_after"] >= 0.9
+    full = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert full.config.num_hidden_layers == 2
+    small = AutoModelForSequenceClassification.from_pretrained(run / "model")
+    assert small.config.num_hidden_layers == 1 and len(small.model.layers) == 1
+    kept = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=1, num_hidden_layers=1).model.layers[0].mlp.up_proj.weight
+    assert torch.equal(kept, full.model.layers[0].mlp.up_proj.weight)  # what loading keeps is the lowest block
+    assert gaps(run / "model", synthetic_pairs(8, seed=7))[0] > 0  # the scoring API reads the smaller model
+    with pytest.raises(ConfigError, match="must not exceed backbone_layers"):
+        RewardTrainConfig(backbone_layers=2, trainable_layers=3)
+    with pytest.raises(ConfigError, match="backbone_layers: 5, but"):
+        train(RewardTrainConfig(model=str(tiny_model), data=str(train_file), backbone_layers=5,
+                                output_dir=str(tmp_path / "bad")))
+
+
 def check_report_in_chromium(report, shot):
     """The report loads in a real browser, every plot renders, nothing is fetched from outside."""
     import os
