@@ -55,6 +55,9 @@ class LoopConfig:
     data: str = doc("instruction data for SFT ('demo': the shipped set with checkable constraints)", "demo")
     annotators: str = doc("'simulated' (an oracle-driven pool answers in Argilla) or 'human' (stop and wait)", "simulated")
     stages: list[str] = doc("stages to run, in loop order", default_factory=lambda: list(STAGES))
+    seed: int = doc("added to the seed of every stage (SFT, candidate sampling, annotator noise and record order, "
+                    "reward model, DPO, PPO, evaluation sampling); 0 keeps the stages' own seeds. Rerun the loop "
+                    "with seed=1, 2, ... (each in its own run_dir) to see how much its figures move", 0)
     sft: dict = doc("SFT keys (alignkit sft --help)", default_factory=dict)
     annotate: dict = doc("annotation sections common/generate/push/simulate/pull/export (configs/annotate.yaml)", default_factory=dict)
     reward: dict = doc("reward model keys (alignkit reward train --help)", default_factory=dict)
@@ -104,7 +107,7 @@ class Loop:
         own keys on top. Built all at once so that a bad key in any section stops the loop before
         its first stage, with the section and key in the message."""
         def build(cls, section: str, wired: dict):
-            cfg = from_dict(cls, merge(wired, getattr(self.cfg, section) or {}), section)
+            cfg = self.offset_seed(from_dict(cls, merge(wired, getattr(self.cfg, section) or {}), section))
             if hasattr(cfg, "check"):
                 cfg.check()
             return cfg
@@ -126,6 +129,11 @@ class Loop:
         configs["annotate"] = self.annotation_configs()
         return configs
 
+    def offset_seed(self, cfg):
+        if hasattr(cfg, "seed"):
+            cfg.seed += self.cfg.seed
+        return cfg
+
     @property
     def eval_dir(self) -> str:
         return "eval" if self.cfg.evaluate_on == "test" else "eval_validation"
@@ -140,8 +148,16 @@ class Loop:
         common = merge({"run_dir": self.path("annotate"),
                         "dataset": f"{self.run.name}-{user_common.get('mode', 'binary')}"}, user_common)
         wired = {"generate": {"model": self.path("sft", "model"), "prompts": self.path("sft"), "prompts_split": "train"}}
-        return {verb: verb_config(verb, common, merge(wired.get(verb, {}), sections.get(verb) or {}), f"annotate.{verb}")
-                for verb in ANNOTATION_VERBS}
+        configs = {verb: self.offset_seed(verb_config(verb, common, merge(wired.get(verb, {}), sections.get(verb) or {}),
+                                                      f"annotate.{verb}"))
+                   for verb in ANNOTATION_VERBS}
+        for verb, cfg in configs.items():  # cross-key checks too (binary_tie with mode ranking...), before any stage
+            if hasattr(cfg, "check"):
+                try:
+                    cfg.check()
+                except ConfigError as e:
+                    raise ConfigError(f"annotate.{verb}: {e}") from None
+        return configs
 
     def eval_models(self) -> dict[str, str]:
         """name -> model for the eval stage: (base), SFT, and the aligned models this loop trains."""

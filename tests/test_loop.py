@@ -16,7 +16,7 @@ TINY_LOOP = [
     "annotate.generate.max_prompts=20", "annotate.generate.max_new_tokens=10", "annotate.generate.batch_size=10",
     "annotate.simulate.flip_prob=0.0", "annotate.simulate.tie_threshold=0.0", "annotate.export.min_kappa=0.2", "annotate.export.bootstrap=50",
     "reward.max_steps=4", "reward.batch_size=4", "reward.max_length=128", "reward.eval_steps=1000",
-    "reward.save_steps=100", "reward.learning_rate=1e-3", "reward.trainable_layers=1",
+    "reward.save_steps=100", "reward.learning_rate=1e-3", "reward.trainable_layers=1", "reward.backbone_layers=null",
     "dpo.max_steps=3", "dpo.batch_size=2", "dpo.max_length=128", "dpo.eval_steps=1000", "dpo.save_steps=100",
     "dpo.trainable_layers=1", "ppo.trainable_layers=1",
     "ppo.total_steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2", "ppo.max_new_tokens=8", "ppo.save_steps=100",
@@ -172,4 +172,21 @@ def test_a_bad_value_and_an_unknown_annotation_section_stop_the_loop_too(tmp_pat
     assert "mini_batch_size 3 must divide rollout_batch_size" in capsys.readouterr().err
     assert main(["run", "configs/quickstart.yaml", f"run_dir={tmp_path / 'loop'}", "annotate.exprt.min_kappa=0.5"]) == 2
     assert "exprt" in capsys.readouterr().err
+    # a check across keys, which the push step used to make only after the candidates were sampled
+    assert main(["run", "configs/quickstart.yaml", f"run_dir={tmp_path / 'loop'}", "annotate.common.mode=ranking",
+                 "annotate.common.binary_tie=true"]) == 2
+    assert "annotate.push: binary_tie: only for mode binary" in capsys.readouterr().err
     assert not (tmp_path / "loop").exists()
+
+
+def test_the_loop_seed_moves_every_stage_seed_and_zero_keeps_them():
+    from alignkit.loop.run import Loop, LoopConfig
+
+    sections = dict(reward={"seed": 7}, annotate={"simulate": {"seed": 5}})
+    loop = Loop(LoopConfig(run_dir="r", seed=3, **sections))
+    seeds = {name: cfg.seed for name, cfg in loop.configs.items() if name != "annotate" and hasattr(cfg, "seed")}
+    assert seeds == {"sft": 3, "reward": 10, "dpo": 3, "ppo": 3, "eval": 3}
+    verbs = {verb: cfg.seed for verb, cfg in loop.configs["annotate"].items()}
+    assert verbs == {"generate": 3, "push": 3, "simulate": 8, "pull": 3, "export": 3}
+    same = Loop(LoopConfig(run_dir="r", **sections)).configs
+    assert same["reward"].seed == 7 and same["sft"].seed == 0 and same["annotate"]["simulate"].seed == 5
