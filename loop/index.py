@@ -15,6 +15,8 @@ REPORTS = [  # (stage dir, file, what it is)
     ("reward_eval", "report.html", "Reward model: held-out accuracy, calibration, length correlation"),
     ("dpo", "manifest.json", "DPO manifest: implicit-reward accuracy before/after"),
     ("ppo", "manifest.json", "PPO manifest and metrics.jsonl: reward, KL, entropy per step"),
+    ("grpo", "manifest.json", "GRPO manifest and log_history.jsonl: reward, KL per step"),
+    ("rloo", "manifest.json", "RLOO manifest and log_history.jsonl: reward, KL per step"),
     ("eval", "report.html", "Held-out (test) evaluation: reward, win rates, oracle, diversity"),
     ("eval_validation", "report.html", "Validation evaluation (evaluate_on=validation): the same figures, for choosing settings"),
 ]
@@ -26,6 +28,8 @@ HEADLINES = {
     "reward_eval": ["accuracy", "ece", "length_spearman"],
     "dpo": ["eval_reward_accuracy_before", "eval_reward_accuracy_after"],
     "ppo": ["score_first", "score_last", "kl_last"],
+    "grpo": ["reward_first", "reward_last", "kl_last"],
+    "rloo": ["reward_first", "reward_last", "kl_last"],
 }
 
 

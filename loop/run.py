@@ -1,7 +1,8 @@
 """``alignkit run FILE``: the whole loop from one config, resumable.
 
 SFT -> candidates -> Argilla (push) -> annotators (simulated or human) -> pull -> agreement gate
--> export -> reward model (+ its evaluation) -> DPO and PPO -> held-out evaluation -> index page.
+-> export -> reward model (+ its evaluation) -> DPO and PPO (GRPO, RLOO when named in ``stages``)
+-> held-out evaluation of every aligned model -> index page.
 
 Every stage lives in ``<run_dir>/<stage>/`` and is skipped when its manifest says completed with
 the same config and inputs, so running the same command again finishes in seconds, and a run
@@ -35,6 +36,7 @@ from alignkit.reward.train import RewardTrainConfig
 from alignkit.reward.train import train as train_reward_model
 from alignkit.rlhf.dpo import DPOStageConfig
 from alignkit.rlhf.dpo import train as train_dpo
+from alignkit.rlhf.online import OnlineRLConfig, train_grpo, train_rloo
 from alignkit.rlhf.ppo import PPOConfig
 from alignkit.rlhf.ppo import train as train_ppo
 from alignkit.runstore import hash_path, read_manifest, redact
@@ -43,7 +45,10 @@ from alignkit.sft.train import train as train_sft
 
 log = logging.getLogger("alignkit.run")
 
-STAGES = ("sft", "annotate", "reward", "dpo", "ppo", "eval")
+STAGES = ("sft", "annotate", "reward", "dpo", "ppo", "grpo", "rloo", "eval")  # the order they run in
+# GRPO and RLOO run only when named in `stages`: each costs about as much as PPO again
+DEFAULT_STAGES = ("sft", "annotate", "reward", "dpo", "ppo", "eval")
+ALIGNED = ("dpo", "ppo", "grpo", "rloo")  # the stages whose models the eval compares with SFT
 ANNOTATION_VERBS = ("generate", "push", "simulate", "pull", "export")
 WAITING_FOR_ANNOTATORS = 10  # exit code: nothing failed, the humans are not done yet
 
@@ -54,9 +59,11 @@ class LoopConfig:
     model: str = doc("the base model: a local dir, a Hub id, or offline:smollm2-135m-instruct", DEFAULT_MODEL)
     data: str = doc("instruction data for SFT ('demo': the shipped set with checkable constraints)", "demo")
     annotators: str = doc("'simulated' (an oracle-driven pool answers in Argilla) or 'human' (stop and wait)", "simulated")
-    stages: list[str] = doc("stages to run, in loop order", default_factory=lambda: list(STAGES))
+    stages: list[str] = doc(f"stages to run, in loop order ({', '.join(STAGES)}); grpo and rloo train next to or "
+                            "instead of ppo, on the same SFT policy, prompts and reward model, and the eval compares "
+                            "every aligned model the list names", default_factory=lambda: list(DEFAULT_STAGES))
     seed: int = doc("added to the seed of every stage (SFT, candidate sampling, annotator noise and record order, "
-                    "reward model, DPO, PPO, evaluation sampling); 0 keeps the stages' own seeds. Rerun the loop "
+                    "reward model, DPO, PPO, GRPO, RLOO, evaluation sampling); 0 keeps the stages' own seeds. Rerun the loop "
                     "with seed=1, 2, ... (each in its own run_dir) to see how much its figures move", 0)
     sft: dict = doc("SFT keys (alignkit sft --help)", default_factory=dict)
     annotate: dict = doc("annotation sections common/generate/push/simulate/pull/export (configs/annotate.yaml)", default_factory=dict)
@@ -64,11 +71,13 @@ class LoopConfig:
     reward_eval: dict = doc("reward evaluation keys (alignkit reward eval --help)", default_factory=dict)
     dpo: dict = doc("DPO keys (alignkit align dpo --help)", default_factory=dict)
     ppo: dict = doc("PPO keys (alignkit align ppo --help)", default_factory=dict)
+    grpo: dict = doc("GRPO keys (alignkit align grpo --help)", default_factory=dict)
+    rloo: dict = doc("RLOO keys (alignkit align rloo --help)", default_factory=dict)
     eval: dict = doc("evaluation keys (alignkit eval --help)", default_factory=dict)
     evaluate_on: str = doc("prompts the final evaluation reads: 'test' (the held-out prompts, read once: the "
                            "figures to report) or 'validation' (for choosing settings; look as often as you "
                            "like; written to <run_dir>/eval_validation/)", "test")
-    eval_base_model: bool = doc("evaluate the base model too, next to SFT, DPO and PPO (one more model to "
+    eval_base_model: bool = doc("evaluate the base model too, next to SFT and the aligned models (one more model to "
                                 "sample from, score and compare)", True)
 
     def __post_init__(self):
@@ -121,9 +130,9 @@ class Loop:
                                                                    "output_dir": self.path("reward_eval")}),
             "dpo": build(DPOStageConfig, "dpo", {"model": self.path("sft", "model"), "data": self.pairs(),
                                                  "output_dir": self.path("dpo")}),
-            "ppo": build(PPOConfig, "ppo", {"model": self.path("sft", "model"), "reward_model": self.path("reward", "model"),
-                                            "prompts": self.path("sft", "train_prompts.jsonl"),
-                                            "output_dir": self.path("ppo")}),
+            "ppo": build(PPOConfig, "ppo", self.online_rl_wiring("ppo", prompts_key="prompts")),
+            "grpo": build(OnlineRLConfig, "grpo", self.online_rl_wiring("grpo", prompts_key="data")),
+            "rloo": build(OnlineRLConfig, "rloo", self.online_rl_wiring("rloo", prompts_key="data")),
             "eval": build(EvalConfig, "eval", self.eval_wiring()),
         }
         configs["annotate"] = self.annotation_configs()
@@ -140,6 +149,14 @@ class Loop:
 
     def pairs(self) -> str:
         return self.path("annotate", "export", "pairs.jsonl")
+
+    def online_rl_wiring(self, stage: str, prompts_key: str) -> dict:
+        """PPO, GRPO and RLOO all start from the SFT policy, sample replies to the SFT stage's
+        training prompts and are rewarded by this loop's reward model (through the scoring API), so
+        the eval compares methods, not inputs. ``prompts_key``: the config key of the prompt file
+        (PPO's ``prompts``, the TRL stages' ``data``)."""
+        return {"model": self.path("sft", "model"), "reward_model": self.path("reward", "model"),
+                prompts_key: self.path("sft", "train_prompts.jsonl"), "output_dir": self.path(stage)}
 
     def annotation_configs(self) -> dict:
         sections = dict(self.cfg.annotate)
@@ -163,7 +180,7 @@ class Loop:
         """name -> model for the eval stage: (base), SFT, and the aligned models this loop trains."""
         models = {"base": self.cfg.model} if self.cfg.eval_base_model else {}
         models["sft"] = self.path("sft", "model")
-        for stage in ("dpo", "ppo"):
+        for stage in ALIGNED:
             if stage in self.cfg.stages:
                 models[stage] = self.path(stage, "model")
         return models
@@ -280,6 +297,12 @@ class Loop:
 
     def ppo(self) -> None:
         train_ppo(self.configs["ppo"], force=self.force)
+
+    def grpo(self) -> None:
+        train_grpo(self.configs["grpo"], force=self.force)
+
+    def rloo(self) -> None:
+        train_rloo(self.configs["rloo"], force=self.force)
 
     def eval(self) -> None:
         evaluate_models(self.configs["eval"], force=self.force)

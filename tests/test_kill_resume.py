@@ -6,7 +6,8 @@ The training stages are killed at their first complete checkpoint and must resum
 checkpoint and reach the uninterrupted run's final metrics; the eval is killed once the first
 model's replies are cached and must end with the same figures; the loop is killed in its reward
 stage and must finish without redoing what completed. (test_ppo.py and test_sft.py hold finer
-checks of PPO's metrics step by step and of SFT's fresh start after a changed config.)
+checks of PPO's metrics step by step and of SFT's fresh start after a changed config;
+test_online_rl.py kills GRPO and RLOO, and test_loop.py a loop in its RLOO stage.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`alignkit run`: the whole loop on a tiny model against the real local Argilla, a second run
-that skips every stage, and the human-annotator mode that stops and says how far annotation is."""
+that skips every stage, the human-annotator mode that stops and says how far annotation is, and
+GRPO and RLOO run from the loop on its reward model (killed in RLOO and resumed)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import json
 import pytest
 
 from alignkit.cli import main
-from alignkit.runstore import read_manifest
+from alignkit.runstore import hash_path, read_manifest
+from tests.test_kill_resume import ROOT, kill_when
 
 TINY_LOOP = [
     "sft.max_steps=4", "sft.batch_size=4", "sft.max_length=96", "sft.eval_steps=1000", "sft.save_steps=100",
@@ -21,6 +23,9 @@ TINY_LOOP = [
     "dpo.trainable_layers=1", "ppo.trainable_layers=1",
     "ppo.total_steps=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=2", "ppo.max_new_tokens=8", "ppo.save_steps=100",
     "eval.max_prompts=6", "eval.max_new_tokens=8", "eval.batch_size=6",
+    # GRPO and RLOO (not in the default stages): two steps of 4 replies, 2 per prompt
+    *[f"{method}.{key}" for method in ("grpo", "rloo") for key in (
+        "trainable_layers=1", "max_steps=2", "batch_size=4", "num_generations=2", "max_new_tokens=8", "save_steps=100")],
 ]
 
 
@@ -120,6 +125,51 @@ def test_human_annotators_stop_the_loop_and_say_how_far(tmp_path, tiny_model, ar
     assert code == 2 and "the candidates changed since they were pushed" in err and "--force" in err
 
 
+@pytest.mark.slow
+def test_grpo_and_rloo_in_the_loop_read_its_reward_model_join_the_eval_and_resume_after_a_kill(
+        tmp_path, tiny_model, one_torch_thread):
+    """GRPO and RLOO named in ``stages``: trained on the SFT policy and training prompts against the
+    loop's reward model, compared by the eval next to SFT; a loop killed in its RLOO stage resumes
+    RLOO from its last checkpoint and redoes nothing before it. Annotation is left out (the pairs it
+    exports are written in its place; the whole-loop test runs it), so no Argilla is needed."""
+    loop = tmp_path / "loop"
+    pairs = loop / "annotate" / "export" / "pairs.jsonl"
+    pairs.parent.mkdir(parents=True)
+    pairs.write_text("".join(json.dumps({"prompt": f"Name a fruit ({i}).", "chosen": "An apple.",
+                                         "rejected": "no no no no no"}) + "\n" for i in range(24)))
+    stages = "stages=[sft,reward,grpo,rloo,eval]"
+    assert run_loop(tmp_path, tiny_model, stages) == 0
+    reward_model = loop / "reward" / "model"
+    for method in ("grpo", "rloo"):
+        m = read_manifest(loop / method)
+        assert m["status"] == "completed" and m["metrics"]["global_step"] == 2, (method, m.get("error"))
+        cfg = m["config"]
+        assert m["stage"] == cfg["method"] == method
+        assert (cfg["model"], cfg["data"]) == (str(loop / "sft" / "model"), str(loop / "sft" / "train_prompts.jsonl"))
+        assert cfg["reward_model"] == str(reward_model) and cfg["reward_function"] is None
+        assert m["inputs"]["reward_model"]["hash"] == hash_path(reward_model)
+    result = json.loads((loop / "eval" / "eval.json").read_text())
+    assert set(result["models"]) == {"sft", "grpo", "rloo"} and result["baseline"] == "sft"
+    for method in ("grpo", "rloo"):
+        assert result["models"][method]["win_rate"]["reward_model"]["win_rate"] is not None
+        assert read_manifest(loop / "eval")["inputs"][f"model:{method}"]["hash"] == hash_path(loop / method / "model")
+    assert "grpo/manifest.json" in (loop / "index.html").read_text()
+
+    # Longer RLOO (a new config: it starts afresh), killed at a checkpoint, then the same command again.
+    # (checkpoint-4: the 2-step run above left a checkpoint-2 behind, until the new run clears it.)
+    done = {stage: (loop / stage / "manifest.json").read_bytes() for stage in ("sft", "reward", "grpo")}
+    longer = [stages, "rloo.max_steps=12", "rloo.save_steps=2"]
+    kill_when(["run", str(ROOT / "configs" / "quickstart.yaml"), f"run_dir={loop}", f"model={tiny_model}", *TINY_LOOP,
+               *longer], tmp_path, lambda: (loop / "rloo" / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists(),
+              "RLOO's checkpoint at step 4")
+    assert read_manifest(loop / "rloo")["status"] == "running"
+    assert run_loop(tmp_path, tiny_model, *longer) == 0
+    m = read_manifest(loop / "rloo")
+    assert m["status"] == "completed" and m["notes"].get("resumed_from") and m["metrics"]["global_step"] == 12
+    assert {stage: (loop / stage / "manifest.json").read_bytes() for stage in done} == done  # not redone
+    assert read_manifest(loop / "eval")["inputs"]["model:rloo"]["hash"] == hash_path(loop / "rloo" / "model")
+
+
 def test_eval_summary_says_which_models_beat_the_baseline():
     from alignkit.loop.index import beats, eval_summary
 
@@ -150,10 +200,12 @@ def test_eval_models_follow_the_stages_and_the_base_model_switch():
     assert loop.eval_models() == {"base": "offline:x", "sft": "r/sft/model", "dpo": "r/dpo/model", "ppo": "r/ppo/model"}
     loop = Loop(LoopConfig(run_dir="r", stages=["sft", "annotate", "reward", "ppo", "eval"], eval_base_model=False))
     assert loop.eval_models() == {"sft": "r/sft/model", "ppo": "r/ppo/model"}
+    loop = Loop(LoopConfig(run_dir="r", stages=["sft", "reward", "grpo", "rloo", "eval"], eval_base_model=False))
+    assert loop.eval_models() == {"sft": "r/sft/model", "grpo": "r/grpo/model", "rloo": "r/rloo/model"}
 
 
 
-@pytest.mark.parametrize("section", ["sft", "reward", "reward_eval", "dpo", "ppo", "eval", "annotate.generate",
+@pytest.mark.parametrize("section", ["sft", "reward", "reward_eval", "dpo", "ppo", "grpo", "rloo", "eval", "annotate.generate",
                                      "annotate.push", "annotate.simulate", "annotate.pull", "annotate.export",
                                      "annotate.common"])
 def test_a_mistyped_key_in_any_section_stops_the_loop_before_any_stage(tmp_path, section, capsys):
@@ -185,7 +237,7 @@ def test_the_loop_seed_moves_every_stage_seed_and_zero_keeps_them():
     sections = dict(reward={"seed": 7}, annotate={"simulate": {"seed": 5}})
     loop = Loop(LoopConfig(run_dir="r", seed=3, **sections))
     seeds = {name: cfg.seed for name, cfg in loop.configs.items() if name != "annotate" and hasattr(cfg, "seed")}
-    assert seeds == {"sft": 3, "reward": 10, "dpo": 3, "ppo": 3, "eval": 3}
+    assert seeds == {"sft": 3, "reward": 10, "dpo": 3, "ppo": 3, "grpo": 3, "rloo": 3, "eval": 3}
     verbs = {verb: cfg.seed for verb, cfg in loop.configs["annotate"].items()}
     assert verbs == {"generate": 3, "push": 3, "simulate": 8, "pull": 3, "export": 3}
     same = Loop(LoopConfig(run_dir="r", **sections)).configs
