@@ -46,6 +46,8 @@ class Bot:
     model: object
     history: list[dict] = field(default_factory=list)
     last_prompt: str = ""
+    # the last answer's token counts and why it ended ("stop": a stop token, "length": max_new_tokens)
+    last_usage: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str) -> "Bot":
@@ -76,6 +78,7 @@ class Bot:
         if on_text is None:
             with torch.no_grad():
                 out = self.model.generate(**kwargs)
+            self.note_usage(input_ids.shape[1], out[0, input_ids.shape[1]:], kwargs)
             return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
@@ -84,7 +87,8 @@ class Bot:
         def run():
             try:
                 with torch.no_grad():
-                    self.model.generate(**kwargs, streamer=streamer)
+                    out = self.model.generate(**kwargs, streamer=streamer)
+                self.note_usage(input_ids.shape[1], out[0, input_ids.shape[1]:], kwargs)
             except BaseException as e:  # re-raised in the caller's thread
                 failure.append(e)
                 streamer.end()
@@ -103,6 +107,13 @@ class Bot:
         if failure:
             raise failure[0]
         return "".join(pieces).strip()
+
+
+    def note_usage(self, prompt_tokens: int, new_ids, kwargs: dict) -> None:
+        ids = new_ids.tolist()
+        ended = next((i for i, t in enumerate(ids) if t in kwargs["eos_token_id"]), None)  # padding may follow the stop token
+        self.last_usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids) if ended is None else ended + 1,
+                           "finish_reason": "length" if ended is None else "stop"}
 
 
 def with_system(system: str | None, turns: list[dict]) -> list[dict]:

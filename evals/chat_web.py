@@ -138,22 +138,26 @@ class Arena:
 # HTTP
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """Quiet request handler with JSON replies (this page's and ``--serve``'s API, chat_api.py)."""
+
+    def log_message(self, fmt, *args):  # keep the terminal for the URL and errors
+        pass
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, obj, status: int = 200) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
+
+
 def make_handler(arena: Arena):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, fmt, *args):  # keep the terminal for the URL and errors
-            pass
-
-        def _send(self, status: int, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, obj, status: int = 200) -> None:
-            self._send(status, json.dumps(obj, ensure_ascii=False).encode(), "application/json; charset=utf-8")
-
+    class Handler(JSONHandler):
         def do_GET(self):
             if self.path in ("/", "/index.html"):
                 self._send(200, PAGE.encode(), "text/html; charset=utf-8")
@@ -190,26 +194,41 @@ def make_handler(arena: Arena):
     return Handler
 
 
-def start_server(arena: Arena, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
-    """Serve ``arena`` in a daemon thread; ``server.server_address[1]`` is the port."""
-    server = ThreadingHTTPServer((host, port), make_handler(arena))
+def http_server(handler, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """A threading server for ``handler`` (not serving yet); ``server.server_address[1]`` is the port."""
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
+    return server
+
+
+def start_http_server(handler, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve ``handler`` in a daemon thread (tests)."""
+    server = http_server(handler, port, host)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 
-def serve(bot_1: Bot, bot_2: Bot, opts: GenOptions, out: str, port: int = 8765, system: str | None = None,
-          on_pick: Callable[[dict], str | None] | None = None) -> int:
-    arena = Arena(bot_1, bot_2, opts, out, system, on_pick)
-    server = ThreadingHTTPServer(("127.0.0.1", port), make_handler(arena))
-    server.daemon_threads = True
-    print(f"alignkit chat: open http://127.0.0.1:{server.server_address[1]}/  (picks -> {out}; Ctrl-C stops)", flush=True)
+def serve_until_interrupted(server: ThreadingHTTPServer) -> None:
+    """Serve in this thread until Ctrl-C."""
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+
+
+def start_server(arena: Arena, port: int = 0, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Serve ``arena`` in a daemon thread; ``server.server_address[1]`` is the port."""
+    return start_http_server(make_handler(arena), port, host)
+
+
+def serve(bot_1: Bot, bot_2: Bot, opts: GenOptions, out: str, port: int = 8765, system: str | None = None,
+          on_pick: Callable[[dict], str | None] | None = None) -> int:
+    arena = Arena(bot_1, bot_2, opts, out, system, on_pick)
+    server = http_server(make_handler(arena), port)
+    print(f"alignkit chat: open http://127.0.0.1:{server.server_address[1]}/  (picks -> {out}; Ctrl-C stops)", flush=True)
+    serve_until_interrupted(server)
     print(f"alignkit chat: saved {arena.saved['pairs']} pairs and {arena.saved['ties']} ties/both-bad this session")
     return 0
 
