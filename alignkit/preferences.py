@@ -63,6 +63,8 @@ class PreferenceData:
     format: str  # the layouts read, joined with "+"
 
     source: str = ""
+    # several sources (load_preference_sources): per source, its path, weight and pair counts
+    sources: list[dict] | None = None
 
     @property
     def standard(self) -> bool:
@@ -188,3 +190,108 @@ def load_preferences(source: str | Path, on_bad_pair: str = "drop", split: str =
     if not pairs:
         raise DataError(source, None, None, f"no usable preference pairs (dropped: {dropped})")
     return PreferenceData(pairs=pairs, dropped=dropped, format="+".join(sorted(formats)), source=str(source))
+
+
+# --------------------------------------------------------------------------------------------
+# Several sources: an annotation export, arena picks, API thumbs, other files, each with a weight
+
+
+@dataclass
+class PreferenceSource:
+    path: str
+    weight: float = 1.0
+    name: str = ""
+
+
+SOURCES_HELP = ("; or a list of sources, each a path or {path, weight, name} (e.g. the annotation export and "
+                "the chat's picks and thumbs pairs): read in order, a pair already read from an earlier source "
+                "dropped, training pairs resampled by weight (2: twice per epoch, 0.5: a seeded half); each "
+                "source and its counts go in the manifest")
+
+
+def preference_sources(data: str | list, key: str = "data") -> list[PreferenceSource]:
+    """A stage's ``data``: one source (a path, dataset dir or Hub name) or a list of them, each a
+    path or ``{path, weight (default 1), name (default the file name)}``."""
+    from alignkit.config import ConfigError
+
+    items = data if isinstance(data, list) else [data]
+    if not items:
+        raise ConfigError(f"{key}: an empty list of preference sources")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]" if isinstance(data, list) else key
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or set(item) - {"path", "weight", "name"}:
+            raise ConfigError(f"{where}: expected a path or {{path, weight, name}}, got {item!r}")
+        weight = item.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 100:
+            raise ConfigError(f"{where}.weight: expected a number above 0 and at most 100, got {weight!r}")
+        name = str(item.get("name") or Path(item["path"].rstrip("/")).name or item["path"])
+        out.append(PreferenceSource(item["path"], float(weight), name))
+    names = [s.name for s in out]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{key}: two sources are named {name!r}: give them names ({{path, name}})")
+    return out
+
+
+def source_inputs(data: str | list, key: str = "data") -> dict[str, str]:
+    """The manifest inputs of a ``data`` value: ``{key: path}`` for one source, ``{key:NAME: path}`` for several."""
+    if not isinstance(data, list):
+        return {key: data}
+    return {f"{key}:{s.name}": s.path for s in preference_sources(data, key)}
+
+
+def pair_key(pair: dict) -> tuple:
+    import json
+
+    return (json.dumps(pair["prompt"], sort_keys=True), pair["chosen"][0]["content"].strip(),
+            pair["rejected"][0]["content"].strip())
+
+
+def load_preference_sources(data: str | list, on_bad_pair: str = "drop", key: str = "data") -> PreferenceData:
+    """:func:`load_preferences` of one source, or of several: their pairs in the order given, each
+    tagged with its ``source`` and ``weight``; a pair already read from an earlier source (same
+    prompt, chosen and rejected replies) is dropped and counted as ``duplicate_across_sources``.
+    ``sources`` holds each one's path, weight, pairs read, pairs kept and drops."""
+    if not isinstance(data, list):
+        return load_preferences(data, on_bad_pair)
+    seen: set[tuple] = set()
+    pairs, formats, summary = [], set(), []
+    dropped = {r: 0 for r in PAIR_DROP_REASONS} | {"duplicate_across_sources": 0}
+    for src in preference_sources(data, key):
+        part = load_preferences(src.path, on_bad_pair)
+        formats.update(part.format.split("+"))
+        kept = 0
+        for pair in part.pairs:
+            k = pair_key(pair)
+            if k in seen:
+                dropped["duplicate_across_sources"] += 1
+                continue
+            seen.add(k)
+            pairs.append({**pair, "source": src.name, "weight": src.weight})
+            kept += 1
+        for reason, n in part.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        summary.append({"name": src.name, "path": src.path, "weight": src.weight, "pairs": len(part.pairs),
+                        "kept": kept, "duplicates": len(part.pairs) - kept, "dropped": part.dropped})
+    return PreferenceData(pairs=pairs, dropped=dropped, format="+".join(sorted(formats)),
+                          source=" + ".join(s["path"] for s in summary), sources=summary)
+
+
+def weighted(pairs: list[dict], seed: int) -> list[dict]:
+    """Training pairs resampled by their source's ``weight``: each pair appears ``floor(weight)``
+    times, and once more with probability ``weight - floor(weight)`` (seeded), so that over an
+    epoch a source of weight 2 counts twice and one of weight 0.5 half. Unweighted pairs pass as they are."""
+    import math
+    import random
+
+    if all(p.get("weight", 1.0) == 1.0 for p in pairs):
+        return pairs
+    rng = random.Random(seed)
+    out = []
+    for p in pairs:
+        w = p.get("weight", 1.0)
+        out.extend([p] * (math.floor(w) + (rng.random() < w - math.floor(w))))
+    return out

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import DataError, check_leakage, seeded_split
-from alignkit.preferences import load_preferences
+from alignkit.preferences import SOURCES_HELP, load_preference_sources, load_preferences, source_inputs, weighted
 from alignkit.cleaning import clean_for_stage, log_cleaning
 from alignkit.models import load_tokenizer, resolve_model, use_text_format
 from alignkit.runstore import is_main_process, stage_run, write_jsonl
@@ -58,9 +58,9 @@ class RewardTrainConfig(TrainerConfig):
                                       "new top; null: every block", None)
     aspects: bool = doc("also train one head per aspect rating found in the data (aspects_chosen/aspects_rejected)", False)
     # data
-    data: str = doc("preference pairs: annotation export JSONL, TRL preference JSONL (plain or conversational, "
-                    "optional margin), HH-RLHF transcripts (.jsonl/.jsonl.gz), an HF dataset dir or Hub name",
-                    "runs/quickstart/annotate/export/pairs.jsonl")
+    data: str | list = doc("preference pairs: annotation export JSONL, TRL preference JSONL (plain or conversational, "
+                           "optional margin), HH-RLHF transcripts (.jsonl/.jsonl.gz), an HF dataset dir or Hub name"
+                           + SOURCES_HELP, "runs/quickstart/annotate/export/pairs.jsonl")
     eval_data: str | None = doc("separate held-out pairs; default: hold out eval_fraction of the prompts of `data`", None)
     max_pairs: int | None = doc("use only the first N pairs of `data` (smoke runs)", None)
     eval_fraction: float = doc("fraction of PROMPTS held out (all pairs of a prompt go to the same side)", 0.1)
@@ -150,7 +150,7 @@ def aspect_target(ratings: dict | None, names: list[str]) -> list[float]:
 
 def prepare_data(cfg: RewardTrainConfig) -> dict:
     """Load, check and split the pairs. Bad input raises here, before anything is written."""
-    data = load_preferences(cfg.data, on_bad_pair=cfg.on_bad_pair)
+    data = load_preference_sources(cfg.data, on_bad_pair=cfg.on_bad_pair)
     data.check_one_layout(cfg.standard_as_chat)
     pairs, cleaning = clean_for_stage(data.pairs, "preference", cfg.clean, cfg.near_duplicate_threshold)
     pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
@@ -164,13 +164,14 @@ def prepare_data(cfg: RewardTrainConfig) -> dict:
     if not train_pairs:
         raise DataError(cfg.data, None, None, f"too few pairs ({len(pairs)}) to train after the held-out split")
     leakage = check_leakage([p["prompt"] for p in eval_pairs], [p["prompt"] for p in train_pairs])
+    train_pairs = weighted(train_pairs, cfg.seed)  # after the split: held-out pairs count once each
     with_margin = sum("margin" in p for p in train_pairs + eval_pairs)
     names = aspect_names(train_pairs) if cfg.aspects else []
     if cfg.aspects and not names:
         raise DataError(cfg.data, None, "aspects_chosen", "aspects=true but no pair carries aspect ratings")
     return {"train": train_pairs, "eval": eval_pairs, "dropped": dropped, "format": data.format,
             "standard": data.standard, "leakage": leakage, "cleaning": cleaning,
-            "n_pairs": len(pairs), "with_margin": with_margin, "aspects": names}
+            "n_pairs": len(pairs), "with_margin": with_margin, "aspects": names, "sources": data.sources}
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
     model_path = resolve_model(cfg.model)
     backbone = backbone_overrides(model_path, cfg.backbone_layers)  # before any write: a bad size leaves nothing
     out = Path(cfg.output_dir)
-    inputs = {"data": cfg.data, "eval_data": cfg.eval_data, "model": model_path}
+    inputs = {**source_inputs(cfg.data), "eval_data": cfg.eval_data, "model": model_path}
     with stage_run("reward", out, to_dict(cfg), inputs, force) as run:
         if run.skipped:
             log.info("reward: already completed in %s (use --force to run again)", out)
@@ -311,6 +312,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
                        "note": "pairs without a margin get 0" if use_margin else
                        ("use_margin=false" if cfg.use_margin is False else "no pair carries a margin: plain Bradley-Terry")},
             "aspects": aspects, "leakage": data["leakage"],
+            **({"sources": data["sources"]} if data["sources"] else {}),
         })
         log.info("reward: %d pairs (%s) -> train %d, held out %d; longer than %d tokens: %d train, %d held out (%s)",
                  data["n_pairs"], data["format"], len(train_rows), len(eval_rows), cfg.max_length,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import check_leakage, prompt_text, seeded_split
-from alignkit.preferences import load_preferences
+from alignkit.preferences import SOURCES_HELP, load_preference_sources, load_preferences, source_inputs, weighted
 from alignkit.cleaning import clean_for_stage, log_cleaning
 from alignkit.models import load_tokenizer, match_tokenizer, resolve_model, use_text_format
 from alignkit.runstore import is_main_process, stage_run
@@ -55,8 +55,9 @@ class DPOStageConfig(TrainerConfig):
     qlora: bool = doc("4-bit quantised base + LoRA (needs CUDA and bitsandbytes)", False)
     precompute_ref_log_probs: bool = doc("compute the reference log-probs once before training (no reference in memory)", False)
     # data
-    data: str = doc("preference pairs: the annotation export, TRL preference JSONL ({prompt, chosen, rejected}), "
-                    "HH-RLHF transcripts, an HF dataset dir or Hub name", "runs/quickstart/annotate/export/pairs.jsonl")
+    data: str | list = doc("preference pairs: the annotation export, TRL preference JSONL ({prompt, chosen, rejected}), "
+                           "HH-RLHF transcripts, an HF dataset dir or Hub name" + SOURCES_HELP,
+                           "runs/quickstart/annotate/export/pairs.jsonl")
     eval_data: str | None = doc("held-out preference pairs; default: eval_fraction of data, split with seed", None)
     eval_fraction: float = doc("fraction of the prompts (with all their pairs) held out for the before/after "
                                "implicit-reward evaluation", 0.1)
@@ -103,7 +104,7 @@ def _as_trl_pair(p: dict) -> dict:
 
 def prepare_data(cfg: DPOStageConfig) -> dict:
     """Load, check and split the pairs; nothing is written here, so bad input leaves no trace."""
-    prefs = load_preferences(cfg.data, on_bad_pair=cfg.on_bad_pair)
+    prefs = load_preference_sources(cfg.data, on_bad_pair=cfg.on_bad_pair)
     prefs.check_one_layout(cfg.standard_as_chat)
     pairs, cleaning = clean_for_stage(prefs.pairs, "preference", cfg.clean, cfg.near_duplicate_threshold)
     pairs = pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
@@ -126,9 +127,11 @@ def prepare_data(cfg: DPOStageConfig) -> dict:
         raise ConfigError(f"{cfg.data}: no eval pairs ({len(pairs)} pairs, eval_fraction {cfg.eval_fraction}); "
                           "raise eval_fraction or give eval_data")
     leakage = check_leakage([p["prompt"] for p in eval_pairs], [p["prompt"] for p in train_pairs])
+    not_clearest = n_before - len(train_pairs)
+    train_pairs = weighted(train_pairs, cfg.seed)  # after the split: held-out pairs count once each
     return {"train": [_as_trl_pair(p) for p in train_pairs], "eval": [_as_trl_pair(p) for p in eval_pairs],
             "format": prefs.format, "standard": prefs.standard, "dropped": prefs.dropped, "leakage": leakage,
-            "cleaning": cleaning, "not_clearest": n_before - len(train_pairs)}
+            "cleaning": cleaning, "not_clearest": not_clearest, "sources": prefs.sources}
 
 
 def clearest_pairs(pairs: list[dict], n: int) -> list[dict]:
@@ -163,7 +166,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
 
     model_path = resolve_model(cfg.model)
     out = Path(cfg.output_dir)
-    inputs = {"data": cfg.data, "eval_data": cfg.eval_data, "model": model_path}
+    inputs = {**source_inputs(cfg.data), "eval_data": cfg.eval_data, "model": model_path}
     with stage_run("dpo", out, to_dict(cfg), inputs, force) as run:
         if run.skipped:
             if is_main_process():
@@ -173,7 +176,8 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
         log_cleaning("dpo", data["cleaning"], "pairs")
         run.notes.update({"format": data["format"], "dropped_pairs": data["dropped"], "cleaning": data["cleaning"], "leakage": data["leakage"],
                           "pairs_per_prompt": {"limit": cfg.pairs_per_prompt, "left_out": data["not_clearest"]},
-                          "split_sizes": {"train": len(data["train"]), "eval": len(data["eval"])}})
+                          "split_sizes": {"train": len(data["train"]), "eval": len(data["eval"])},
+                          **({"sources": data["sources"]} if data["sources"] else {})})
         log.info("dpo: %d train / %d eval pairs (%s); dropped %s; eval prompts also in training: %d exact, %d normalised",
                  len(data["train"]), len(data["eval"]), data["format"], data["dropped"],
                  data["leakage"]["exact_duplicates"], data["leakage"]["normalized_duplicates"])
