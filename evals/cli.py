@@ -1,4 +1,6 @@
-"""``alignkit eval`` (see :mod:`alignkit.evals.evaluate`). ``alignkit chat`` is wired in :mod:`alignkit.loop.chat`."""
+"""``alignkit eval`` (see :mod:`alignkit.evals.evaluate`). The command is wired in :mod:`alignkit.loop.human_eval`,
+which adds ``--human-eval A,B`` (annotators in Argilla: another stage) to these arguments; ``alignkit chat`` is
+wired in :mod:`alignkit.loop.chat`."""
 
 from __future__ import annotations
 

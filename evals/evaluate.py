@@ -376,11 +376,13 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
                                               out / "cache", lambda path, texts: _fingerprint(hashes[path], texts, cfg.device))
         rows = generation_rows(prompts, gens, scores, constraints, oracle, k)
 
+        from alignkit.evals.human import load_results
         from alignkit.evals.report import write_report
 
         atomic_write_json(out / "eval.json", result)
         write_jsonl(out / "generations.jsonl", rows)
-        write_report(result, rows, out / "report.html", samples=cfg.report_samples)
+        # human evaluations of these very replies (the same generations) stay in the report
+        write_report(result, rows, out / "report.html", samples=cfg.report_samples, human=load_results(out))
         for key in ("eval.json", "generations.jsonl", "report.html"):
             run.add_output(key.split(".")[0], out / key)
         run.metrics.update(flat_metrics(result))

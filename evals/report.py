@@ -1,8 +1,9 @@
 """``report.html`` of an eval run: one self-contained file (inline CSS, plots as inline PNG).
 
 Sections: headline table, plots (reward distributions, win rates with intervals, reward vs
-length, oracle pass rates), sample generations side by side, and what each number means. Every
-piece of model or prompt text is HTML-escaped.
+length, oracle pass rates), the human evaluations when there are any (:mod:`alignkit.evals.human`),
+sample generations side by side, and what each number means. Every piece of model or prompt text
+is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -271,7 +272,29 @@ baseline's per prompt. It does not depend on any learned model, so it cannot be 
 """
 
 
-def render(result: dict, rows: list[dict], samples: int = 12) -> str:
+def _human_section(human: list[dict]) -> str:
+    """One row per human A/B evaluation (alignkit.evals.human): the annotators' win rate of B over A
+    next to the eval's automatic win rates on the same replies."""
+    out = ["<p class=meta>Annotators saw each prompt with the two models' first replies in a shuffled order, "
+           "never the models' names, and picked the better one or a tie. Win rate of B over A from each "
+           "prompt's majority answer (a tie counts half; prompts without a majority are left out); Fleiss' "
+           "kappa of the annotators' answers.</p>",
+           "<table id=human><thead><tr><th>B vs A</th><th>human win rate</th><th>wins / ties / losses</th>"
+           "<th>no majority</th><th>annotators</th><th>Fleiss' kappa</th><th>automatic win rates, same replies</th>"
+           "</tr></thead><tbody>"]
+    for h in human:
+        auto = " · ".join(f"{_esc(src)} {_ci(w, 'win_rate')}" for src, w in h["automatic"].items()) or "–"
+        k = h["agreement"]
+        out.append(f"<tr><th>{_esc(h['b'])} vs {_esc(h['a'])}</th><td class=num>{_ci(h, 'win_rate')}</td>"
+                   f"<td class=num>{h['wins']} / {h['ties']} / {h['losses']}</td><td class=num>{h['n_no_majority']}</td>"
+                   f"<td class=num>{h['n_annotators']} {_esc(h['annotators'])}</td>"
+                   f"<td class=num>{_ci(k, 'fleiss_kappa')} <span class=meta>{_esc(k.get('band') or '')}</span></td>"
+                   f"<td>{auto}</td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def render(result: dict, rows: list[dict], samples: int = 12, human: list[dict] | None = None) -> str:
     plots = _plots(result, rows)
     g = result["generation"]
     k = result.get("samples_per_prompt", 1)
@@ -297,6 +320,7 @@ def render(result: dict, rows: list[dict], samples: int = 12) -> str:
           if result.get("by_constraint_type") else []),
         *(["<h2>Reward model aspects</h2>", _aspects_table(result)] if result.get("aspects") else []),
         *(["<h2>Forgetting (general text)</h2>", _forgetting_table(result)] if result.get("forgetting") else []),
+        *(["<h2>Human evaluation</h2>", _human_section(human)] if human else []),
         "<h2>Plots</h2><div class=plots>",
         *[f"<img alt='{_esc(alt)}' src='data:image/png;base64,{b64}'>" for alt, b64 in plots],
         "</div>",
@@ -309,7 +333,8 @@ def render(result: dict, rows: list[dict], samples: int = 12) -> str:
     return "\n".join(parts)
 
 
-def write_report(result: dict, rows: list[dict], path: str | Path, samples: int = 12) -> Path:
+def write_report(result: dict, rows: list[dict], path: str | Path, samples: int = 12,
+                 human: list[dict] | None = None) -> Path:
     path = Path(path)
-    atomic_write_text(path, render(result, rows, samples))
+    atomic_write_text(path, render(result, rows, samples, human))
     return path
