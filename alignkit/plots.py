@@ -1,4 +1,4 @@
-"""Plots in self-contained HTML reports (agreement, reward model, evaluation)."""
+"""Plots in self-contained HTML reports (agreement, reward model, evaluation, the loop's rounds)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,14 @@ def figure_png(fig, dpi: int) -> str:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def error_bars(rows: list[tuple]):
+    """matplotlib's (2, n) error bars from (value, low, high): never negative (rounding can put an
+    interval's end a hair past its estimate), 0 where an interval is unknown (None)."""
+    import numpy as np
+
+    def gap(a, b):
+        return 0.0 if a is None or b is None else max(float(a) - float(b), 0.0)
+
+    return np.array([[gap(v, lo), gap(hi, v)] for v, lo, hi in rows], dtype=float).T

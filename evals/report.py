@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from alignkit.plots import figure_png
+from alignkit.plots import error_bars, figure_png
 from alignkit.runstore import atomic_write_text
 
 CSS = """
@@ -46,17 +46,6 @@ def _ci(c: dict | None, key: str = "mean", digits: int = 3) -> str:
     if lo is None:
         return _fmt(c[key], digits)
     return f"{_fmt(c[key], digits)} <span class=meta>[{_fmt(lo, digits)}, {_fmt(hi, digits)}]</span>"
-
-
-def _error_bars(rows: list[tuple]):
-    """matplotlib's (2, n) error bars from (value, low, high): never negative (rounding can put an
-    interval's end a hair past its estimate), 0 where an interval is unknown (None)."""
-    import numpy as np
-
-    def gap(a, b):
-        return 0.0 if a is None or b is None else max(float(a) - float(b), 0.0)
-
-    return np.array([[gap(v, lo), gap(hi, v)] for v, lo, hi in rows], dtype=float).T
 
 
 def _png(fig) -> str:
@@ -102,7 +91,7 @@ def _plots(result: dict, rows: list[dict]) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.2))
         y = np.arange(len(bars))[::-1]
         vals = np.array([b[1] for b in bars], dtype=float)
-        err = _error_bars([(b[1], b[2], b[3]) for b in bars])
+        err = error_bars([(b[1], b[2], b[3]) for b in bars])
         ax.barh(y, vals, xerr=err, capsize=4, color=["#8fb3d9" if "length" not in b[0] else "#d9b38f" for b in bars])
         ax.set_yticks(y, [b[0] for b in bars])
         ax.axvline(0.5, color="k", ls="--", lw=1)
@@ -128,7 +117,7 @@ def _plots(result: dict, rows: list[dict]) -> list[tuple[str, str]]:
         fig, ax = plt.subplots(figsize=(7, 3))
         ps = [result["models"][n]["oracle"]["pass"] for n in names]
         vals = np.array([p["rate"] for p in ps], dtype=float)
-        err = _error_bars([(p["rate"], *p["ci"]) for p in ps])
+        err = error_bars([(p["rate"], *p["ci"]) for p in ps])
         ax.bar(range(len(names)), vals, yerr=err, capsize=4, color=[colors[n] for n in names])
         ax.set_xticks(range(len(names)), names)
         ax.set_ylim(0, 1)

@@ -1,4 +1,5 @@
-"""The loop's index page (``<run>/index.html``) and its terminal summary of the held-out evaluation."""
+"""The loop's index page (``<run>/index.html``) and its terminal summary of the held-out evaluation
+(with several rounds, every round's: :mod:`alignkit.loop.rounds`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import html
 import json
 from pathlib import Path
 
+from alignkit.loop.rounds import round_results, rounds_section
 from alignkit.runstore import atomic_write_text, read_manifest
 
 REPORTS = [  # (stage dir, file, what it is)
@@ -18,7 +20,8 @@ REPORTS = [  # (stage dir, file, what it is)
     ("grpo", "manifest.json", "GRPO manifest and log_history.jsonl: reward, KL per step"),
     ("rloo", "manifest.json", "RLOO manifest and log_history.jsonl: reward, KL per step"),
     ("eval", "report.html", "Held-out (test) evaluation: reward, win rates, oracle, diversity"),
-    ("eval_validation", "report.html", "Validation evaluation (evaluate_on=validation): the same figures, for choosing settings"),
+    ("eval_validation", "report.html", "Validation evaluation (evaluate_on=validation, and each round before the "
+                                       "last): the same figures, for choosing settings and the next round's policy"),
 ]
 
 
@@ -44,21 +47,28 @@ def _headline(stage: str, m: dict) -> str:
     return ", ".join(parts)
 
 
-def write_index(run: Path, timings: dict[str, float] | None = None, eval_dir: str = "eval") -> Path:
-    """``<run>/index.html``: each stage's status, headline figures and a link to its report."""
+def write_index(run: Path, timings: dict[str, float] | None = None, eval_dir: str = "eval", rounds: int = 1) -> Path:
+    """``<run>/index.html``: each stage's status, headline figures and a link to its report; with
+    ``rounds`` > 1 every round's stages too (``round<k>/...``), and the rounds side by side."""
     rows = []
-    for stage, file, what in REPORTS:
-        m = read_manifest(run / stage)
-        target = run / stage / file
-        status = m.get("status", "?") if m else "not run"
-        link = f'<a href="{html.escape(f"{stage}/{file}")}">{html.escape(what)}</a>' if target.exists() else html.escape(what)
-        rows.append(f"<tr><td>{html.escape(stage)}</td><td class='{html.escape(status)}'>{html.escape(status)}</td>"
-                    f"<td>{link}</td><td>{html.escape(_headline(stage, m or {}))}</td></tr>")
-    evaluation = run / eval_dir / "eval.json"
-    summary = ""
-    if evaluation.exists():
-        title = "Held-out (test) evaluation" if eval_dir == "eval" else "Validation evaluation"
-        summary = f"<h2>{title}</h2><pre>{html.escape(eval_summary(json.loads(evaluation.read_text())))}</pre>"
+    for k in range(1, rounds + 1):
+        prefix = "" if k == 1 else f"round{k}/"
+        for stage, file, what in REPORTS:
+            if k > 1 and stage == "sft":  # one SFT model serves every round
+                continue
+            m = read_manifest(run / prefix / stage)
+            target = run / prefix / stage / file
+            status = m.get("status", "?") if m else "not run"
+            link = (f'<a href="{html.escape(f"{prefix}{stage}/{file}")}">{html.escape(what)}</a>' if target.exists()
+                    else html.escape(what))
+            rows.append(f"<tr><td>{html.escape(prefix + stage)}</td><td class='{html.escape(status)}'>{html.escape(status)}"
+                        f"</td><td>{link}</td><td>{html.escape(_headline(stage, m or {}))}</td></tr>")
+    title = "Held-out (test) evaluation" if eval_dir == "eval" else "Validation evaluation"
+    summary = "".join(
+        f"<h2>{title}{'' if rounds == 1 else f', round {k}'}</h2><pre>{html.escape(eval_summary(result))}</pre>"
+        for k, result in round_results(run, rounds, eval_dir).items())
+    if rounds > 1:
+        summary = rounds_section(run, rounds, eval_dir) + summary
     times = "".join(f"<li>{html.escape(k)}: {v:.0f} s</li>" for k, v in (timings or {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>alignkit run {html.escape(run.name)}</title>
 <style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}

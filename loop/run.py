@@ -4,6 +4,11 @@ SFT -> candidates -> Argilla (push) -> annotators (simulated or human) -> pull -
 -> export -> reward model (+ its evaluation) -> DPO and PPO (GRPO, RLOO when named in ``stages``)
 -> held-out evaluation of every aligned model -> index page.
 
+With ``rounds: N`` the loop goes round again: round k+1 samples new candidates from round k's best
+aligned model on the validation prompts (``round_choice``), has them annotated in a new Argilla
+dataset, and retrains the reward model and the aligned models from SFT on every round's pairs so
+far; round k >= 2 lives in ``<run_dir>/round<k>/`` (:mod:`alignkit.loop.rounds`).
+
 Every stage lives in ``<run_dir>/<stage>/`` and is skipped when its manifest says completed with
 the same config and inputs, so running the same command again finishes in seconds, and a run
 killed in the middle resumes where it stopped (training stages from their last checkpoint).
@@ -18,7 +23,6 @@ so a mistyped key fails at once, naming its section, not when its stage comes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from alignkit.config import ConfigError, add_config_args, doc, from_dict, load_c
 from alignkit.evals.evaluate import EvalConfig
 from alignkit.evals.evaluate import evaluate as evaluate_models
 from alignkit.loop.index import eval_summary, write_index
+from alignkit.loop.rounds import CHOICE_RULES, CHOSEN_POLICY, choose_policy, round_dir, round_results
 from alignkit.models import DEFAULT_MODEL
 from alignkit.reward.evaluate import RewardEvalConfig
 from alignkit.reward.evaluate import evaluate as evaluate_reward_model
@@ -39,7 +44,7 @@ from alignkit.rlhf.dpo import train as train_dpo
 from alignkit.rlhf.online import OnlineRLConfig, train_grpo, train_rloo
 from alignkit.rlhf.ppo import PPOConfig
 from alignkit.rlhf.ppo import train as train_ppo
-from alignkit.runstore import hash_path, read_manifest, redact
+from alignkit.runstore import atomic_write_json, hash_path, read_manifest, redact
 from alignkit.sft.train import SFTStageConfig
 from alignkit.sft.train import train as train_sft
 
@@ -51,6 +56,7 @@ DEFAULT_STAGES = ("sft", "annotate", "reward", "dpo", "ppo", "eval")
 ALIGNED = ("dpo", "ppo", "grpo", "rloo")  # the stages whose models the eval compares with SFT
 ANNOTATION_VERBS = ("generate", "push", "simulate", "pull", "export")
 WAITING_FOR_ANNOTATORS = 10  # exit code: nothing failed, the humans are not done yet
+ROUND_SEED_STEP = 1000  # round k's annotation steps (sampling, annotator noise, ...) add (k - 1) * this to their seeds
 
 
 @dataclass
@@ -79,6 +85,14 @@ class LoopConfig:
                            "like; written to <run_dir>/eval_validation/)", "test")
     eval_base_model: bool = doc("evaluate the base model too, next to SFT and the aligned models (one more model to "
                                 "sample from, score and compare)", True)
+    rounds: int = doc("rounds of the loop. Round k+1 samples new candidates from round k's chosen policy (round_choice), "
+                      "has them annotated in a new Argilla dataset (<dataset>-round<k+1>), and retrains the reward model "
+                      "and the aligned models from SFT on every round's pairs so far; round 1 is <run_dir>/<stage>, "
+                      "round k >= 2 <run_dir>/round<k>/<stage> (SFT is shared); the index shows every round", 1)
+    round_choice: str = doc("which of round k's aligned models samples round k+1's candidates: the highest on round k's "
+                            "validation evaluation (<round k>/eval_validation/; never the test prompts) by lc_win_rate "
+                            "(length-controlled reward-model win rate over SFT), win_rate, or oracle_pass_rate; "
+                            "ties go to the first in stage order", "lc_win_rate")
 
     def __post_init__(self):
         unknown = sorted(set(self.stages) - set(STAGES))
@@ -88,6 +102,17 @@ class LoopConfig:
             raise ConfigError(f"evaluate_on: expected test or validation, got {self.evaluate_on!r}")
         if self.annotators not in ("simulated", "human"):
             raise ConfigError(f"annotators: expected simulated or human, got {self.annotators!r}")
+        if self.round_choice not in CHOICE_RULES:
+            raise ConfigError(f"round_choice: expected one of {', '.join(CHOICE_RULES)}, got {self.round_choice!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"rounds: expected an integer >= 1, got {self.rounds!r}")
+        if self.rounds > 1:
+            needed = ["annotate"] + (["reward"] if self.round_choice != "oracle_pass_rate" else [])
+            missing = [s for s in needed if s not in self.stages]
+            if missing or not set(ALIGNED) & set(self.stages):
+                raise ConfigError(f"rounds: {self.rounds} rounds need annotate, an aligned model ({', '.join(ALIGNED)}) "
+                                  f"and, to choose by {self.round_choice}, the reward model in stages; got "
+                                  f"{', '.join(self.stages)}")
 
 
 def _local_server(server_home: str | None):
@@ -104,10 +129,20 @@ class Loop:
         self.cfg, self.force = cfg, force
         self.run = Path(cfg.run_dir)
         self.timings: dict[str, float] = {}
-        self.configs = self.stage_configs()
+        if cfg.rounds > 1:  # round 2's wiring (its pair files, dataset, policy) is checked up front too
+            self.at_round(2, "(round 1's chosen policy)")
+        self.configs = self.at_round(1)
+
+    def at_round(self, k: int, policy: str | None = None) -> dict:
+        """Round ``k``'s stage configs; round k >= 2 samples its candidates from ``policy``."""
+        self.round, self.policy = k, policy
+        return self.stage_configs()
 
     def path(self, *parts: str) -> str:
-        return str(self.run.joinpath(*parts))
+        """``<run_dir>/<parts>`` in round 1, ``<run_dir>/round<k>/<parts>`` in round k; SFT, shared by
+        every round, is always ``<run_dir>/sft``."""
+        base = self.run if parts[:1] == ("sft",) else round_dir(self.run, self.round)
+        return str(base.joinpath(*parts))
 
     # -- every stage's config, built and checked before anything runs ------------------------
 
@@ -135,20 +170,30 @@ class Loop:
             "rloo": build(OnlineRLConfig, "rloo", self.online_rl_wiring("rloo", prompts_key="data")),
             "eval": build(EvalConfig, "eval", self.eval_wiring()),
         }
+        if self.round < self.cfg.rounds:  # the next round's policy is chosen here, on the validation prompts
+            choice = build(EvalConfig, "eval", self.eval_wiring("validation"))
+            # whatever prompts or directory the section gives the final eval: never the test prompts
+            choice.prompts, choice.output_dir = self.path("sft", "validation_prompts.jsonl"), self.path("eval_validation")
+            configs["choice_eval"] = choice
         configs["annotate"] = self.annotation_configs()
         return configs
 
-    def offset_seed(self, cfg):
+    def offset_seed(self, cfg, extra: int = 0):
         if hasattr(cfg, "seed"):
-            cfg.seed += self.cfg.seed
+            cfg.seed += self.cfg.seed + extra
         return cfg
 
     @property
     def eval_dir(self) -> str:
         return "eval" if self.cfg.evaluate_on == "test" else "eval_validation"
 
-    def pairs(self) -> str:
-        return self.path("annotate", "export", "pairs.jsonl")
+    def pairs(self) -> str | list[dict]:
+        """Round 1's export; from round 2 on, every round's export so far (round 1 first), as sources
+        named round1, round2, ... (their counts in the manifest, each hashed among the inputs)."""
+        if self.round == 1:
+            return self.path("annotate", "export", "pairs.jsonl")
+        return [{"path": str(round_dir(self.run, j) / "annotate" / "export" / "pairs.jsonl"), "name": f"round{j}"}
+                for j in range(1, self.round + 1)]
 
     def online_rl_wiring(self, stage: str, prompts_key: str) -> dict:
         """PPO, GRPO and RLOO all start from the SFT policy, sample replies to the SFT stage's
@@ -164,10 +209,15 @@ class Loop:
         user_common = sections.get("common") or {}
         common = merge({"run_dir": self.path("annotate"),
                         "dataset": f"{self.run.name}-{user_common.get('mode', 'binary')}"}, user_common)
-        wired = {"generate": {"model": self.path("sft", "model"), "prompts": self.path("sft"), "prompts_split": "train"}}
+        # round k >= 2: the chosen policy's replies to the same training prompts, other seeds, a dataset of its own
+        wired = {"generate": {"model": self.policy or self.path("sft", "model"), "prompts": self.path("sft"),
+                              "prompts_split": "train"}}
         configs = {verb: self.offset_seed(verb_config(verb, common, merge(wired.get(verb, {}), sections.get(verb) or {}),
-                                                      f"annotate.{verb}"))
+                                                      f"annotate.{verb}"), ROUND_SEED_STEP * (self.round - 1))
                    for verb in ANNOTATION_VERBS}
+        for cfg in configs.values():
+            if self.round > 1 and hasattr(cfg, "dataset"):
+                cfg.dataset += f"-round{self.round}"
         for verb, cfg in configs.items():  # cross-key checks too (binary_tie with mode ranking...), before any stage
             if hasattr(cfg, "check"):
                 try:
@@ -185,10 +235,12 @@ class Loop:
                 models[stage] = self.path(stage, "model")
         return models
 
-    def eval_wiring(self) -> dict:
-        prompts = "heldout_prompts.jsonl" if self.cfg.evaluate_on == "test" else "validation_prompts.jsonl"
+    def eval_wiring(self, on: str | None = None) -> dict:
+        """The eval's wiring on the test or the validation prompts (default: ``evaluate_on``)."""
+        on = on or self.cfg.evaluate_on
+        prompts, out = ("heldout_prompts.jsonl", "eval") if on == "test" else ("validation_prompts.jsonl", "eval_validation")
         wired = {"models": self.eval_models(), "baseline": "sft", "prompts": self.path("sft", prompts),
-                 "output_dir": self.path(self.eval_dir), "forgetting_reference": self.cfg.model}
+                 "output_dir": self.path(out), "forgetting_reference": self.cfg.model}
         if "reward" in self.cfg.stages:
             wired["reward_model"] = self.path("reward", "model")
         return wired
@@ -233,17 +285,17 @@ class Loop:
         hence new candidates; another annotator setting; another gate) redoes the steps after it."""
         steps = ["push", "simulate", "pull", "export"] if self.cfg.annotators == "simulated" else ["push", "pull", "export"]
         for verb in steps:  # each writes <run_dir>/annotate/<verb>/manifest.json
-            m = read_manifest(self.run / "annotate" / verb)
+            m = read_manifest(self.path("annotate", verb))
             if not m or m.get("status") != "completed" or m.get("config") != redact(to_dict(verbs[verb])):
                 return False
         candidates = Path(verbs["export"].paths()[1])
-        used = (read_manifest(self.run / "annotate" / "export").get("inputs", {}).get("candidates") or {}).get("hash")
+        used = (read_manifest(self.path("annotate", "export")).get("inputs", {}).get("candidates") or {}).get("hash")
         return candidates.exists() and used == hash_path(candidates)
 
     def _refuse_to_repush_silently(self, verbs: dict) -> None:
         """People may be answering the pushed records: new candidates (a new SFT model, other
         annotate.generate settings) go to Argilla only when asked for with --force."""
-        pushed = read_manifest(self.run / "annotate" / "push")
+        pushed = read_manifest(self.path("annotate", "push"))
         if not pushed or pushed.get("status") != "completed":
             return
         used = (pushed.get("inputs", {}).get("candidates") or {}).get("hash")
@@ -307,29 +359,58 @@ class Loop:
     def eval(self) -> None:
         evaluate_models(self.configs["eval"], force=self.force)
 
+    def choose(self) -> str:
+        """This round's aligned models on the validation prompts (``eval_validation/``), and the one
+        ``round_choice`` picks: the next round's candidates are its replies. The choice, with every
+        candidate's figure, goes to ``round<k+1>/chosen_policy.json``; returns the chosen model."""
+        cfg = self.configs["choice_eval"]
+        result = evaluate_models(cfg, force=self.force)
+        candidates = {name: model for name, model in cfg.models.items() if name in ALIGNED}
+        choice = {"round": self.round + 1, "chosen_in_round": self.round,
+                  **choose_policy(result, self.cfg.round_choice, candidates),
+                  "evaluation": str(Path(cfg.output_dir) / "eval.json")}
+        out = round_dir(self.run, self.round + 1) / CHOSEN_POLICY
+        atomic_write_json(out, choice)
+        print(f"run: round {self.round + 1} samples its candidates from round {self.round}'s {choice['chosen']} "
+              f"(highest {choice['rule_text']} on the validation prompts; {out})")
+        return choice["model"]
+
     # -- the loop ----------------------------------------------------------------------------
+
+    def timed(self, name: str, step):
+        t0 = time.time()
+        print(f"\n=== run: {name} ===", flush=True)
+        result = step()
+        self.timings[name] = round(time.time() - t0, 1)
+        print(f"=== run: {name} finished in {self.timings[name]:.1f} s ===", flush=True)
+        return result
+
+    def run_round(self, k: int) -> int:
+        """Round ``k``'s stages (SFT only in round 1); round k >= 2 first chooses round k-1's policy."""
+        prefix = "" if k == 1 else f"round{k}/"
+        if k > 1:  # round k-1's configs choose, then round k's are built on the choice
+            self.configs = self.at_round(k, self.timed(f"{prefix}choose", self.choose))
+        for stage in STAGES:
+            if stage in self.cfg.stages and not (stage == "sft" and k > 1):
+                code = self.timed(prefix + stage, getattr(self, stage)) or 0
+                if code:
+                    return code
+        return 0
 
     def __call__(self) -> int:
         self.run.mkdir(parents=True, exist_ok=True)
         code = 0
         try:
-            for stage in STAGES:
-                if stage not in self.cfg.stages:
-                    continue
-                t0 = time.time()
-                print(f"\n=== run: {stage} ===", flush=True)
-                code = getattr(self, stage)() or 0
-                self.timings[stage] = round(time.time() - t0, 1)
-                print(f"=== run: {stage} finished in {self.timings[stage]:.1f} s ===", flush=True)
+            for k in range(1, self.cfg.rounds + 1):
+                code = self.run_round(k)
                 if code:
                     break
         finally:  # a stage that raised still gets the index rewritten: its row says failed
-            index = write_index(self.run, self.timings, self.eval_dir)
-        evaluation = self.run / self.eval_dir / "eval.json"
-        if evaluation.exists():
-            which = "held-out (test)" if self.cfg.evaluate_on == "test" else "validation"
-            print(f"\nrun: {which} evaluation (95% confidence intervals)\n"
-                  + eval_summary(json.loads(evaluation.read_text())))
+            index = write_index(self.run, self.timings, self.eval_dir, self.cfg.rounds)
+        which = "held-out (test)" if self.cfg.evaluate_on == "test" else "validation"
+        for k, result in round_results(self.run, self.cfg.rounds, self.eval_dir).items():
+            print(f"\nrun: {which} evaluation{'' if self.cfg.rounds == 1 else f' of round {k}'} "
+                  f"(95% confidence intervals)\n" + eval_summary(result))
         print(f"\nrun: index of every report: {index}")
         return code
 

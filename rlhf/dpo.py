@@ -65,6 +65,8 @@ class DPOStageConfig(TrainerConfig):
     max_pairs: int | None = doc("use only the first N pairs (smoke runs)", None)
     pairs_per_prompt: int | None = doc("train on at most N pairs per prompt, those with the largest margin (a ranking "
                                        "of k replies gives k(k-1)/2 pairs; 1 keeps the clearest, usually best vs worst); "
+                                       "with several sources, N per prompt of each source (a prompt annotated in two "
+                                       "rounds of the loop keeps the clearest pair of each); "
                                        "held-out pairs are all kept; null: every pair", None)
     max_length: int = doc("truncate prompt + reply to this many tokens (the end of long replies is cut)", 512)
     # loss
@@ -135,11 +137,13 @@ def prepare_data(cfg: DPOStageConfig) -> dict:
 
 
 def clearest_pairs(pairs: list[dict], n: int) -> list[dict]:
-    """At most ``n`` pairs per prompt, largest ``margin`` first (a pair without one counts as 0;
-    equal margins keep the file's order), in the order the kept pairs had."""
-    by_prompt: dict[str, list[int]] = {}
+    """At most ``n`` pairs per prompt and source (pairs read from a list of sources carry their
+    ``source``: each source's replies to a prompt were ranked on their own), largest ``margin``
+    first (a pair without one counts as 0; equal margins keep the file's order), in the order the
+    kept pairs had."""
+    by_prompt: dict[tuple, list[int]] = {}
     for i, p in enumerate(pairs):
-        by_prompt.setdefault(prompt_text(p["prompt"]), []).append(i)
+        by_prompt.setdefault((p.get("source"), prompt_text(p["prompt"])), []).append(i)
     keep = set()
     for idx in by_prompt.values():
         keep.update(sorted(idx, key=lambda i: -float(pairs[i].get("margin") or 0.0))[:n])

@@ -68,6 +68,26 @@ def test_weights_resample_training_pairs():
     assert weighted(unweighted, seed=0) is unweighted
 
 
+def test_dpo_keeps_the_clearest_pairs_of_each_source_for_a_prompt(tmp_path):
+    """Two rounds of the loop rank other replies to the same prompts: pairs_per_prompt=1 keeps the
+    clearest pair of each round's ranking, not only the first round's."""
+    from alignkit.config import from_dict
+    from alignkit.rlhf.dpo import DPOStageConfig, prepare_data
+
+    def ranked(tag: str) -> list[dict]:
+        return [{"prompt": [{"role": "user", "content": f"Prompt {i}?"}],
+                 "chosen": [{"role": "assistant", "content": f"{tag} best"}],
+                 "rejected": [{"role": "assistant", "content": f"{tag} {worse}"}], "margin": margin}
+                for i in range(6) for worse, margin in (("middling", 0.5), ("worst", 1.0))]
+
+    rounds = [{"path": str(write_jsonl(tmp_path / f"round{k}.jsonl", ranked(f"r{k}"))), "name": f"round{k}"} for k in (1, 2)]
+    data = prepare_data(from_dict(DPOStageConfig, {"data": rounds, "eval_fraction": 0.34, "pairs_per_prompt": 1,
+                                                   "output_dir": str(tmp_path / "dpo")}))
+    n_train = len({p["prompt"][0]["content"] for p in data["train"]})
+    assert Counter(p["rejected"][0]["content"] for p in data["train"]) == {"r1 worst": n_train, "r2 worst": n_train}
+    assert data["not_clearest"] == 2 * n_train
+
+
 @pytest.mark.parametrize("bad, says", [
     ([], "empty list"),
     ([{"file": "a.jsonl"}], "expected a path or {path, weight, name}"),

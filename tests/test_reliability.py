@@ -165,8 +165,8 @@ def test_a_wrong_argilla_key_is_a_clear_error(tmp_path, argilla_server, monkeypa
 # ------------------------------------------------------------------------------ degenerate intervals, stale reports
 
 def test_win_rate_intervals_hold_their_estimate_and_error_bars_are_never_negative():
-    from alignkit.evals.report import _error_bars
     from alignkit.evals.stats import tie_aware_interval
+    from alignkit.plots import error_bars
 
     for n in range(1, 41):  # every split of up to 40 prompts into wins, ties and losses
         for wins in range(n + 1):
@@ -175,7 +175,7 @@ def test_win_rate_intervals_hold_their_estimate_and_error_bars_are_never_negativ
                 rate = (wins + ties / 2) / n
                 assert lo <= rate <= hi, (wins, ties, n)
     assert tie_aware_interval(0, 2, 1)[0] <= 1 / 3  # the case that crashed matplotlib: 0.33333333333333337
-    assert (_error_bars([(1 / 3, 0.33333333333333337, 0.5), (0.5, None, None)]) >= 0).all()
+    assert (error_bars([(1 / 3, 0.33333333333333337, 0.5), (0.5, None, None)]) >= 0).all()
 
 
 def test_an_eval_that_fails_leaves_no_earlier_report_behind(tiny_model, tmp_path):
