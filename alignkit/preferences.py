@@ -8,7 +8,10 @@ Bad input raises :class:`alignkit.data.DataError` naming the file, the line and 
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,8 +247,6 @@ def source_inputs(data: str | list, key: str = "data") -> dict[str, str]:
 
 
 def pair_key(pair: dict) -> tuple:
-    import json
-
     return (json.dumps(pair["prompt"], sort_keys=True), pair["chosen"][0]["content"].strip(),
             pair["rejected"][0]["content"].strip())
 
@@ -284,9 +285,6 @@ def weighted(pairs: list[dict], seed: int) -> list[dict]:
     """Training pairs resampled by their source's ``weight``: each pair appears ``floor(weight)``
     times, and once more with probability ``weight - floor(weight)`` (seeded), so that over an
     epoch a source of weight 2 counts twice and one of weight 0.5 half. Unweighted pairs pass as they are."""
-    import math
-    import random
-
     if all(p.get("weight", 1.0) == 1.0 for p in pairs):
         return pairs
     rng = random.Random(seed)

@@ -64,11 +64,12 @@ def write_index(run: Path, timings: dict[str, float] | None = None, eval_dir: st
             rows.append(f"<tr><td>{html.escape(prefix + stage)}</td><td class='{html.escape(status)}'>{html.escape(status)}"
                         f"</td><td>{link}</td><td>{html.escape(_headline(stage, m or {}))}</td></tr>")
     title = "Held-out (test) evaluation" if eval_dir == "eval" else "Validation evaluation"
+    results = round_results(run, rounds, eval_dir)
     summary = "".join(
         f"<h2>{title}{'' if rounds == 1 else f', round {k}'}</h2><pre>{html.escape(eval_summary(result))}</pre>"
-        for k, result in round_results(run, rounds, eval_dir).items())
+        for k, result in results.items())
     if rounds > 1:
-        summary = rounds_section(run, rounds, eval_dir) + summary
+        summary = rounds_section(run, rounds, results) + summary
     times = "".join(f"<li>{html.escape(k)}: {v:.0f} s</li>" for k, v in (timings or {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>alignkit run {html.escape(run.name)}</title>
 <style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}

@@ -84,12 +84,17 @@ def round_results(run: Path, rounds: int, eval_dir: str) -> dict[int, dict]:
     return found
 
 
-def rounds_section(run: Path, rounds: int, eval_dir: str) -> str:
+def model_names(results: dict[int, dict]) -> list[str]:
+    """Every model any round evaluated, in the order they first appear."""
+    return list(dict.fromkeys(name for r in results.values() for name in r.get("models") or {}))
+
+
+def rounds_section(run: Path, rounds: int, results: dict[int, dict]) -> str:
     """Every round's headline figures side by side (per model: the length-controlled reward-model
     win rate over the baseline, judged by that round's reward model, and the oracle's pass rate,
-    the same judge in every round), the policy each round's candidates came from, and a plot."""
-    results = round_results(run, rounds, eval_dir)
-    names = list(dict.fromkeys(name for r in results.values() for name in r.get("models") or {}))
+    the same judge in every round), the policy each round's candidates came from, and a plot.
+    ``results``: :func:`round_results`."""
+    names = model_names(results)
     head = "".join(f"<th>round {k}: LC win rate vs {html.escape(str(r.get('baseline')))}</th>"
                    f"<th>round {k}: oracle pass rate</th>" for k, r in results.items())
     rows = "".join(f"<tr><td>{html.escape(name)}</td>" + "".join(
@@ -122,7 +127,7 @@ def _rounds_png(results: dict[int, dict]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(name for r in results.values() for name in r.get("models") or {}))
+    names = model_names(results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, rule, label in ((axes[0], "lc_win_rate", "LC win rate vs baseline (that round's reward model)"),
                             (axes[1], "oracle_pass_rate", "oracle pass rate")):

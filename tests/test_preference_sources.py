@@ -96,7 +96,7 @@ def test_dpo_keeps_the_clearest_pairs_of_each_source_for_a_prompt(tmp_path):
     (["x/a.jsonl", "y/a.jsonl"], "two sources are named 'a.jsonl'"),
 ])
 def test_bad_source_lists_are_config_errors(bad, says):
-    with pytest.raises(ConfigError, match=None) as e:
+    with pytest.raises(ConfigError) as e:
         preference_sources(bad)
     assert says in str(e.value)
 
