@@ -12,6 +12,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from alignkit.errors import RunLockedError, UnfinishedInputError
+
+_log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"  # flock'ed for the whole of a run (main process), holding the holder's PID; not hashed
@@ -185,9 +188,21 @@ class StageRun:
                 path.unlink(missing_ok=True)
 
     def _same_as(self, manifest: dict) -> bool:
-        return manifest.get("config") == redact(self.config) and {
-            k: v.get("hash") for k, v in manifest.get("inputs", {}).items()
-        } == {k: v.get("hash") for k, v in self.inputs.items()}
+        return not self.differences_from(manifest)
+
+    def differences_from(self, manifest: dict) -> list[str]:
+        """What makes this run differ from an earlier one: config keys (dotted) and inputs whose
+        value or hash changed, so a completed stage that runs again says why."""
+        def flat(d: Any, prefix: str = "") -> dict:
+            if not isinstance(d, dict):
+                return {prefix.rstrip("."): d}
+            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+
+        old, new = flat(manifest.get("config") or {}), flat(redact(self.config))
+        changed = [f"config {k}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        old_in = {k: v.get("hash") for k, v in manifest.get("inputs", {}).items()}
+        new_in = {k: v.get("hash") for k, v in self.inputs.items()}
+        return changed + [f"input {k}" for k in sorted(old_in.keys() | new_in.keys()) if old_in.get(k) != new_in.get(k)]
 
     def manifest(self, status: str, error: str | None = None) -> dict:
         m = {
@@ -277,6 +292,10 @@ def stage_run(
             run.outputs, run.metrics = run.previous.get("outputs", {}), run.previous.get("metrics", {})
             yield run
             return
+        if run.previous and run.previous.get("status") == "completed" and not force:
+            changed = run.differences_from(run.previous)
+            _log.info("%s: completed before in %s; running again because %s changed", stage, out_dir,
+                      ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else ""))
         out_dir.mkdir(parents=True, exist_ok=True)
         run.started_at = _now()
         run.write("running")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 
@@ -185,6 +186,19 @@ def test_stage_run_lifecycle_skip_force_and_failure(tmp_path):
     assert m["status"] == "failed" and "boom" in m["error"]
     with stage_run("demo", out, {"k": 1}, {"data": data}) as run:
         assert run.resuming  # the failed attempt had the same config and inputs
+
+
+def test_a_completed_stage_that_runs_again_says_which_config_keys_and_inputs_changed(tmp_path, caplog):
+    data, out = write(tmp_path, "in.txt", "v1"), tmp_path / "stage"
+    with stage_run("demo", out, {"opt": {"lr": 1e-4, "beta": 0.1}, "api_key": "sekrit"}, {"data": data}):
+        pass
+    data.write_text("v2")
+    with caplog.at_level(logging.INFO, logger="alignkit.runstore"):
+        with stage_run("demo", out, {"opt": {"lr": 2e-4, "beta": 0.1}, "api_key": "other"}, {"data": data}) as run:
+            assert not run.skipped
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "running again because config opt.lr, input data changed" in said
+    assert "beta" not in said and "api_key" not in said  # redacted secrets compare equal: never named
 
 
 def test_atomic_write_never_exposes_partial_files(tmp_path):
