@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from alignkit.distributed import prepare_processes
 from alignkit.errors import AlignkitError
 
 # command -> ("module:function" that configures its parser, one-line help), in loop order
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        prepare_processes()
         return int(args.func(args) or 0)
     except AlignkitError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)

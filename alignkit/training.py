@@ -170,6 +170,8 @@ def train_from_last_checkpoint(trainer, run, stage: str):
     """``trainer.train()`` of a TRL stage, resuming from the newest complete checkpoint under
     ``<run dir>/checkpoints`` when there is one (noted in the manifest as ``resumed_from``)."""
     checkpoint = latest_checkpoint(run.dir / "checkpoints")
+    run.notes.update(processes=trainer.accelerator.num_processes,
+                     distributed_type=str(trainer.accelerator.distributed_type))
     if checkpoint:
         logging.getLogger(f"alignkit.{stage}").info("%s: resuming from %s", stage, checkpoint)
         run.notes["resumed_from"] = str(checkpoint)
@@ -217,6 +219,14 @@ def evaluate_once(trainer, path: Path) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     metrics = trainer.evaluate()
+    # Under DDP, evaluate() prepares the bare model for evaluation only and marks it prepared, so
+    # train() would then skip the DDP wrap and every rank would train its own copy on its own batches
+    # (transformers 5, accelerate 1.x). Unmark it: train() then wraps it as it would without the eval.
+    if trainer.accelerator.distributed_type.name.startswith("MULTI_") and trainer.model is trainer.model_wrapped:
+        trainer.model._is_accelerate_prepared = False
+    if trainer.is_deepspeed_enabled:
+        trainer.model_wrapped, trainer.deepspeed = trainer.model, None
+        trainer.accelerator._models.clear()
     if is_main_process():
         atomic_write_json(path, metrics)
     return metrics
@@ -309,15 +319,17 @@ def tensorboard_callback(log_dir: Path):
     return callback
 
 
-def save_model_atomically(model, tokenizer, model_dir: Path, padding_side: str | None = None) -> None:
+def save_model_atomically(model, tokenizer, model_dir: Path, padding_side: str | None = None,
+                          state_dict: dict | None = None) -> None:
     """Save model + tokenizer through a temp dir and a rename, so a crash never leaves half a
     model under ``model_dir`` (a later stage would load it, or fail on it, without knowing).
 
     ``padding_side``: set on the tokenizer before saving, for models whose readers depend on it
-    (reward models and PPO policies are saved with ``right``); None leaves it as it is."""
+    (reward models and PPO policies are saved with ``right``); None leaves it as it is.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered)."""
     tmp = model_dir.with_name(model_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if padding_side is not None:
         tokenizer.padding_side = padding_side
     tokenizer.save_pretrained(tmp)
@@ -333,12 +345,28 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, merge: bool, padding
     without PEFT. The merge goes into a copy, so the trainer's model keeps its adapters: a stage may
     still evaluate it, or save the adapters alone afterwards (reward with ``lora.merge=false``)."""
     trainer.accelerator.wait_for_everyone()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    import torch as _t; print("DBG rank", trainer.accelerator.process_index, sum(p.detach().double().sum().item() for p in model.parameters()), type(trainer.model_wrapped).__name__, trainer.args.parallel_mode, trainer.accelerator.distributed_type, flush=True)
+    full = gather_full_state_dict(model, trainer.accelerator, merge)
     if not trainer.is_world_process_zero():
         return
-    model = trainer.accelerator.unwrap_model(trainer.model)
     if merge:
         model = copy.deepcopy(model).merge_and_unload()
-    save_model_atomically(model, tokenizer, model_dir, padding_side)
+    save_model_atomically(model, tokenizer, model_dir, padding_side, state_dict=full)
+
+
+def gather_full_state_dict(model, accelerator, merge: bool = False) -> dict | None:
+    """Under FSDP, the whole model's weights, gathered from every rank's shards onto the main
+    process's CPU (a collective: every rank calls it; the others get an empty dict). None when the
+    model is not sharded: it then saves its own weights."""
+    if not accelerator.is_fsdp2:
+        return None
+    if merge:
+        raise ConfigError("merging LoRA adapters into a model trained under FSDP is not supported yet: "
+                          "set lora.merge=false (the adapters are saved), or train without FSDP")
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def transformer_blocks(model):

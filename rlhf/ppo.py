@@ -42,13 +42,14 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from alignkit.config import to_dict
+from alignkit.config import ConfigError, to_dict
 from alignkit.data import load_prompts
 from alignkit.generation import encode_prompt, left_pad, stop_token_ids
 from alignkit.models import load_tokenizer, resolve_model
@@ -139,6 +140,11 @@ class PPORecipe:
         from accelerate import Accelerator
 
         self.cfg, self.prompts = cfg, prompts
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # our Accelerator would quietly fall back to DDP; ZeRO would need an engine per model
+            raise ConfigError("ppo: DeepSpeed is not supported for PPO yet (its policy and value model would need "
+                              "a DeepSpeed engine each); launch it with configs/accelerate/fsdp.yaml (FSDP2) "
+                              "or plain DDP instead: see docs/distributed.md")
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision="bf16" if use_bf16(cfg.bf16) else "no")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -176,10 +182,15 @@ class PPORecipe:
         lr_factor = lr_factor_of(cfg)
         self.sched_p = torch.optim.lr_scheduler.LambdaLR(opt_p, lr_factor)
         self.sched_v = torch.optim.lr_scheduler.LambdaLR(opt_v, lr_factor)
-        self.policy, self.value, self.opt_p, self.opt_v = self.accelerator.prepare(policy, value, opt_p, opt_v)
+        # one model per prepare: FSDP2 shards one model (with its optimiser) per call
+        self.policy, self.opt_p = self.accelerator.prepare(policy, opt_p)
+        self.value, self.opt_v = self.accelerator.prepare(value, opt_v)
         self.raw_policy = self.accelerator.unwrap_model(self.policy)
         self.raw_value: TokenValueModel = self.accelerator.unwrap_model(self.value)
-        self.feature_caches = feature_caches(cfg, [self.raw_policy, self.ref, self.raw_value.model])
+        self.sharded = self.accelerator.is_fsdp2
+        if self.sharded and cfg.trainable_layers and cfg.cache_frozen_features:
+            log.info("ppo: cache_frozen_features is off under FSDP (the frozen blocks are sharded too)")
+        self.feature_caches = [] if self.sharded else feature_caches(cfg, [self.raw_policy, self.ref, self.raw_value.model])
         self.run.notes["feature_cache_stores"] = len({id(c.features) for c in self.feature_caches})
         self.kl_ctl = (core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else core.FixedKLController(cfg.kl_coef))
@@ -202,8 +213,11 @@ class PPORecipe:
             if state["world_size"] != self.world:
                 raise ValueError(f"{ckpt}: written by {state['world_size']} processes, resumed with {self.world}; "
                                  "resume with the same number of processes")
-            load_trainable_state(self.raw_policy, torch.load(ckpt / "policy.pt"), "policy")
-            load_trainable_state(self.raw_value, torch.load(ckpt / "value.pt"), "value")
+            rank = f"_rank{self.rank}" if self.sharded else ""  # under FSDP each rank reads its own shards
+            if self.sharded:
+                state = torch.load(ckpt / f"state{rank}.pt", weights_only=False)
+            load_trainable_state(self.raw_policy, torch.load(ckpt / f"policy{rank}.pt", weights_only=False), "policy")
+            load_trainable_state(self.raw_value, torch.load(ckpt / f"value{rank}.pt", weights_only=False), "value")
             self.opt_p.load_state_dict(state["policy_optimizer"])
             self.opt_v.load_state_dict(state["value_optimizer"])
             self.sched_p.load_state_dict(state["policy_scheduler"])
@@ -416,16 +430,17 @@ class PPORecipe:
     def save_model(self) -> Path:
         """Check that the ranks ended in sync, then save the policy (merged, with LoRA and
         ``lora.merge``) to ``<run>/model``."""
-        # DDP keeps replicas identical; check it rather than trust it (a mismatch means a sync bug)
-        params = [p for p in self.raw_policy.parameters() if p.requires_grad]
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
-        sums = self.accelerator.gather(checksum.reshape(1).to(self.device)).cpu()
-        self.run.notes["ranks_in_sync"] = bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9))
+        # DDP keeps replicas identical; check it rather than trust it (a mismatch means a sync bug).
+        # Under FSDP each rank holds other shards: there is nothing to compare.
+        if not self.sharded:
+            params = [p for p in self.raw_policy.parameters() if p.requires_grad]
+            checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
+            sums = self.accelerator.gather(checksum.reshape(1).to(self.device)).cpu()
+            self.run.notes["ranks_in_sync"] = bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9))
         model_dir = self.out / "model"
         self.accelerator.wait_for_everyone()
-        if self.main:
-            save_policy(self.raw_policy, self.tokenizer, model_dir, merge=self.cfg.lora.enabled and self.cfg.lora.merge)
-        self.accelerator.wait_for_everyone()
+        save_policy(self.raw_policy, self.tokenizer, model_dir, self.cfg.lora.enabled and self.cfg.lora.merge,
+                    self.accelerator)
         return model_dir
 
     def report(self, model_dir: Path) -> None:

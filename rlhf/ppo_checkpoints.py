@@ -64,8 +64,9 @@ def load_trainable_state(model: torch.nn.Module, state: dict, what: str) -> None
 def write_checkpoint(root: Path, step: int, accelerator, models: dict[str, torch.nn.Module], trainer_state: dict,
                      keep: int) -> None:
     """Write ``root/step-N`` atomically (every rank must call it): every rank adds its RNG state to
-    a temp directory, then rank 0 writes ``<name>.pt`` for each of ``models`` (their trainable
-    weights) and ``trainer_state.pt``, renames the directory and keeps the newest ``keep``
+    a temp directory (under FSDP also its shards: ``<name>_rank<r>.pt`` and ``state_rank<r>.pt``),
+    then rank 0 writes ``<name>.pt`` for each of ``models`` (their trainable weights; not under
+    FSDP) and ``trainer_state.pt``, renames the directory and keeps the newest ``keep``
     checkpoints (0: all)."""
     final, tmp = root / f"{PREFIX}-{step:06d}", root / f".tmp-{PREFIX}-{step:06d}"
     main = accelerator.is_main_process
@@ -73,11 +74,17 @@ def write_checkpoint(root: Path, step: int, accelerator, models: dict[str, torch
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+    rank = accelerator.process_index
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if accelerator.is_fsdp2:  # each rank holds its own shards of the weights and optimiser states
+        for name, model in models.items():
+            torch.save(trainable_state(model), tmp / f"{name}_rank{rank}.pt")
+        torch.save(trainer_state, tmp / f"state_rank{rank}.pt")
     accelerator.wait_for_everyone()
     if main:
-        for name, model in models.items():
-            torch.save(trainable_state(model), tmp / f"{name}.pt")
+        if not accelerator.is_fsdp2:
+            for name, model in models.items():
+                torch.save(trainable_state(model), tmp / f"{name}.pt")
         torch.save(trainer_state, tmp / MARKER)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -20,7 +20,7 @@ from alignkit.generation import positions_of
 from alignkit.models import match_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
 from alignkit.rlhf import ppo_core as core
-from alignkit.training import freeze_lower_layers, lora_config, save_model_atomically
+from alignkit.training import freeze_lower_layers, gather_full_state_dict, lora_config, save_model_atomically
 
 log = logging.getLogger("alignkit.ppo")
 
@@ -177,12 +177,15 @@ def chunks(n: int, size: int | None) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def save_policy(policy, tokenizer, model_dir: Path, merge: bool) -> None:
-    """Save the final policy (main process only). The merge is in place, not into a copy as
-    ``alignkit.training.save_trained_model`` does: training is over and nothing uses the adapters
-    again, so the copy would only double the memory."""
-    model = policy.merge_and_unload() if merge else policy
-    save_model_atomically(model, tokenizer, model_dir, padding_side="right")
+def save_policy(policy, tokenizer, model_dir: Path, merge: bool, accelerator) -> None:
+    """Save the final policy (every rank calls it; the main process writes). The merge is in place,
+    not into a copy as ``alignkit.training.save_trained_model`` does: training is over and nothing
+    uses the adapters again, so the copy would only double the memory."""
+    full = gather_full_state_dict(policy, accelerator, merge)  # under FSDP: the shards, gathered
+    if accelerator.is_main_process:
+        model = policy.merge_and_unload() if merge else policy
+        save_model_atomically(model, tokenizer, model_dir, padding_side="right", state_dict=full)
+    accelerator.wait_for_everyone()
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -63,10 +62,15 @@ def stage_args(stage: str, tiny_model, data) -> tuple[list[str], str, list[str]]
             "checkpoints/step-*/trainer_state.pt", ["score_last", "kl_last", "steps"])
 
 
-def kill_when(args: list[str], cwd: Path, ready, what: str, timeout: float = 300) -> None:
-    """Run ``alignkit ARGS`` in a child process and SIGKILL it as soon as ``ready()`` is true."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", *args], cwd=cwd, env=env,
+def kill_when(args: list[str], cwd: Path, ready, what: str, timeout: float = 300, command: list[str] | None = None,
+              env: dict | None = None) -> None:
+    """Run ``alignkit ARGS`` (or ``command``) in a child process and SIGKILL it, and every process
+    under it, as soon as ``ready()`` is true: the workers of ``torchrun`` and ``accelerate launch``
+    run in their own process groups, and killing the launcher alone leaves them training."""
+    import psutil
+
+    env = env or {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command or [sys.executable, "-m", "alignkit.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + timeout
@@ -76,8 +80,10 @@ def kill_when(args: list[str], cwd: Path, ready, what: str, timeout: float = 300
             if time.time() > deadline:
                 pytest.fail(f"no {what} within {timeout:.0f} s")
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for p in tree:
+            p.kill()
+        psutil.wait_procs(tree, timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
