@@ -9,6 +9,11 @@ show on a GPU cluster (weights left on the meta device, sharded state dicts save
 state built afterwards in the process (PPO's ``Accelerator``, each TRL trainer's) take FSDP on CPU
 when the launcher asked for FSDP: configs/accelerate/fsdp_cpu.yaml is such a launch.
 
+Generation splits across processes too: :func:`my_batches` gives this process its share of a
+stage's numbered batches (batch b to process b mod N) and :func:`gather_by_index` brings every
+process's results back to all of them, in order. Each batch is seeded by its number, so N
+processes write the same replies as one (candidates, eval).
+
 DeepSpeed needs nothing here: with DeepSpeed installed, accelerate runs it on CPU through
 DeepSpeed's own CPU accelerator. A single process, or any GPU machine, is left alone.
 docs/distributed.md says what is tested with which engine.
@@ -17,6 +22,8 @@ docs/distributed.md says what is tested with which engine.
 from __future__ import annotations
 
 import os
+
+from typing import Any
 
 from alignkit.errors import AlignkitError
 
@@ -33,6 +40,7 @@ def prepare_processes() -> None:
     import torch
 
     if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this process's GPU
         return  # accelerate handles every engine on GPUs itself
     if _flag("ACCELERATE_USE_FSDP"):
         _let_fsdp_run_on_cpu()
@@ -62,3 +70,29 @@ def _let_fsdp_run_on_cpu() -> None:
     build_state_with_fsdp.alignkit_fsdp_on_cpu = True
     AcceleratorState.__init__ = build_state_with_fsdp
 
+
+
+def my_batches(n_batches: int) -> list[int]:
+    """The batch numbers this process generates: all of them alone, every N-th of them when a
+    launcher started N processes (the default process group is started here if no stage did)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return list(range(n_batches))
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return list(range(dist.get_rank(), n_batches, dist.get_world_size()))
+
+
+def gather_by_index(mine: dict[int, Any]) -> dict[int, Any]:
+    """Every process's ``{batch number: result}`` merged, on every process (a collective: all
+    processes call it); this process's own dict when it runs alone."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    parts: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, mine)
+    return {b: result for part in parts for b, result in part.items()}

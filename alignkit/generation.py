@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.distributed import gather_by_index, my_batches
+
 Messages = list[dict[str, str]]
 
 
@@ -117,7 +119,9 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              num_return_sequences: int = 1, batch_size: int = 8, seed: int = 0,
              max_prompt_length: int | None = None, return_logprobs: bool = False) -> GenerationResult:
-    """Generate replies to ``prompts`` in left-padded batches of ``batch_size`` prompts.
+    """Generate replies to ``prompts`` in left-padded batches of ``batch_size`` prompts; under a
+    launcher with N processes each generates every N-th batch and all get every reply
+    (:func:`alignkit.distributed.my_batches`: the same replies as one process).
 
     Greedy when ``do_sample`` is false; otherwise ancestral sampling with ``temperature``,
     ``top_p`` (1.0 = off) and ``top_k`` (0 = off). ``max_prompt_length`` keeps the last N
@@ -153,9 +157,10 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
     # Longest first: similar lengths share a batch (little padding) and memory peaks at once.
     order = sorted(range(n), key=lambda i: (-len(encoded[i]), i))
     t0 = time.perf_counter()
-    batches = 0
-    for b, start in enumerate(range(0, n, batch_size)):
-        idx = order[start:start + batch_size]
+    starts = list(range(0, n, batch_size))
+    mine = {}  # batch number -> [(target, reply ids, finished, log-prob)]; every batch when alone
+    for b in my_batches(len(starts)):
+        idx = order[starts[b]:starts[b] + batch_size]
         input_ids, attention_mask = left_pad([encoded[i] for i in idx], pad_id)
         torch.manual_seed(seed + b)
         if device.type == "cuda":
@@ -166,15 +171,16 @@ def generate(model, tokenizer, prompts: list[Messages] | list[str], *, max_new_t
         if return_logprobs:  # [rows, steps]: log p of each generated token (pads after EOS are cut below)
             token_logp = torch.stack([torch.log_softmax(step.float(), dim=-1).gather(-1, new_ids[:, t:t + 1]).squeeze(-1)
                                       for t, step in enumerate(gen.logits)], dim=1).tolist()
-        batches += 1
+        mine[b] = []
         for row, ids in enumerate(new):
-            prompt_i, sample_j = idx[row // k], row % k
             cut = next((t for t, tok in enumerate(ids) if tok in stops), None)
-            target = prompt_i * k + sample_j
-            out_ids[target] = ids[:cut + 1] if cut is not None else ids
-            finished[target] = cut is not None
-            if return_logprobs:
-                logprobs[target] = float(sum(token_logp[row][:len(out_ids[target])]))
+            reply = ids[:cut + 1] if cut is not None else ids
+            logprob = float(sum(token_logp[row][:len(reply)])) if return_logprobs else 0.0
+            mine[b].append((idx[row // k] * k + row % k, reply, cut is not None, logprob))
+    batches = len(mine)
+    for replies in gather_by_index(mine).values():
+        for target, reply, ended, logprob in replies:
+            out_ids[target], finished[target], logprobs[target] = reply, ended, logprob
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

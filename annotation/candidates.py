@@ -26,7 +26,8 @@ from pathlib import Path
 
 from alignkit.config import check_range, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
-from alignkit.runstore import stage_run, write_jsonl
+from alignkit.distributed import gather_by_index, my_batches
+from alignkit.runstore import is_main_process, stage_run, write_jsonl
 
 log = logging.getLogger("alignkit.annotate.generate")
 
@@ -136,20 +137,25 @@ def generate(cfg: GenerateConfig, force: bool = False) -> dict:
         gen_config.update(**gen_kwargs, return_dict_in_generate=True)
         from tqdm import tqdm
 
-        rows = []
-        for b, start in enumerate(tqdm(range(0, len(items), cfg.batch_size), desc="generating", unit="batch")):
-            batch = items[start : start + cfg.batch_size]
+        # Batch b is seeded with seed + b, so N processes (each sampling every N-th batch) write
+        # what one process writes.
+        starts = list(range(0, len(items), cfg.batch_size))
+        mine = {}
+        for b in tqdm(my_batches(len(starts)), desc="generating", unit="batch", disable=not is_main_process()):
+            batch = items[starts[b] : starts[b] + cfg.batch_size]
             texts = [tok.apply_chat_template(it["prompt"], tokenize=False, add_generation_prompt=True) for it in batch]
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(cfg.seed + b)
             seqs = generate_sharing_prompts(model, enc["input_ids"], enc["attention_mask"], gen_config).sequences
             new = seqs[:, enc["input_ids"].shape[1]:]
             decoded = tok.batch_decode(new, skip_special_tokens=True)
-            for i, it in enumerate(batch):
-                responses = [d.strip() for d in decoded[i * cfg.k : (i + 1) * cfg.k]]
-                rows.append({"item_id": it["item_id"], "prompt": it["prompt"], "responses": responses,
-                             **({"constraint": it["constraint"]} if "constraint" in it else {})})
-        write_jsonl(out, rows)
+            mine[b] = [{"item_id": it["item_id"], "prompt": it["prompt"],
+                        "responses": [d.strip() for d in decoded[i * cfg.k : (i + 1) * cfg.k]],
+                        **({"constraint": it["constraint"]} if "constraint" in it else {})} for i, it in enumerate(batch)]
+        every = gather_by_index(mine)
+        rows = [row for b in range(len(starts)) for row in every[b]]
+        if is_main_process():
+            write_jsonl(out, rows)
         run.add_output("candidates", out)
         run.notes["generation"] = {**{k: v for k, v in gen_kwargs.items() if k not in ("pad_token_id", "eos_token_id")},
                                    "padding_side": "left", "seed": cfg.seed, "batch_size": cfg.batch_size,
@@ -160,5 +166,6 @@ def generate(cfg: GenerateConfig, force: bool = False) -> dict:
             "n_empty_responses": sum(1 for r in rows for x in r["responses"] if not x),
             "n_items_with_identical_responses": sum(len(set(r["responses"])) < len(r["responses"]) for r in rows),
         })
-        print(f"generate: {len(rows)} prompts x {cfg.k} responses -> {out}")
+        if is_main_process():
+            print(f"generate: {len(rows)} prompts x {cfg.k} responses -> {out}")
     return run.manifest("completed")

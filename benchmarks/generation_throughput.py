@@ -17,8 +17,16 @@ padding that finished rows keep producing while the rest of their batch runs. On
 prints model FLOPs utilisation: 2 x parameters x (real prompt + generated tokens) per second over
 the GPU's peak bf16 FLOP/s (forward passes only; attention FLOPs are left out, so it is a floor).
 
+Then data parallelism: the candidate stage (``alignkit annotate generate``) run as one process and
+as ``--processes`` processes under torchrun, interleaved (1, N, 1, N, ...; ``--repeats`` pairs),
+on the same cores (one process gets all ``--cores`` threads, N processes one share each). It prints
+the median wall times (process start and model load included: what a user waits for), the
+speed-up, and checks that both wrote the same candidates file. Every run appends a line to
+benchmarks/results/generation_throughput.jsonl.
+
   python benchmarks/generation_throughput.py                                   # tiny model
   python benchmarks/generation_throughput.py --model offline:smollm2-135m-instruct --prompts 8 --max-new-tokens 24
+  python benchmarks/generation_throughput.py --model offline:smollm2-135m-instruct --only-processes --prompts 32
 """
 
 from __future__ import annotations
@@ -79,13 +87,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a shared, oversubscribed CPU 1 is often steadier)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--processes", type=int, default=2, help="processes for the data-parallel comparison (0: skip it)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved (1 process, N processes) pairs")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(), help="CPU threads shared out among the processes")
+    ap.add_argument("--only-processes", action="store_true", help="run only the data-parallel comparison")
     args = ap.parse_args()
 
     import torch
 
-    from alignkit.data import DEMO_DATA, load_prompts
-    from alignkit.models import build_tiny_model
-    from alignkit.generation import generate, load_policy
+    from alignkit.models import build_tiny_model, resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,6 +104,31 @@ def main() -> None:
     if model_name is None:
         tmp = tempfile.TemporaryDirectory()
         model_name = str(build_tiny_model(Path(tmp.name) / "tiny"))
+    model_name = resolve_model(model_name)  # offline:NAME fetched once, here, not in every timed run
+    figures, ratios = {}, {}
+    if not args.only_processes:
+        figures, ratios = single_process(args, model_name)
+    if args.processes > 1:
+        figures["data_parallel"] = data_parallel(args, model_name)
+        ratios["processes_over_one"] = figures["data_parallel"]["speedup"]
+    line = {"model": args.model or "tiny", "figures": figures, "ratios": ratios, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    results = Path(__file__).resolve().parent / "results" / "generation_throughput.jsonl"
+    results.parent.mkdir(exist_ok=True)
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(line, indent=2))
+    if tmp:
+        tmp.cleanup()
+
+
+def single_process(args, model_name: str) -> tuple[dict, dict]:
+    """Batched vs one at a time, and the prompt read once vs k times, in this process."""
+    import torch
+
+    from alignkit.data import DEMO_DATA, load_prompts
+    from alignkit.generation import generate, load_policy
+
     model, tok = load_policy(model_name, device=args.device)
     n_params = sum(p.numel() for p in model.parameters())
     prompts = [p["prompt"] for p in load_prompts(DEMO_DATA)[: args.prompts]]
@@ -105,7 +140,7 @@ def main() -> None:
         generate(model, tok, prompts[:bs], max_new_tokens=4, batch_size=bs)
 
     common = dict(max_new_tokens=args.max_new_tokens, seed=0)
-    figures = {}
+    figures: dict = {}
     figures["eval_batched"] = measure(model, tok, prompts, n_params, batch_size=args.batch_size, **common)
     figures["eval_one_at_a_time"] = measure(model, tok, prompts, n_params, batch_size=1, **common)
     sample = dict(do_sample=True, temperature=1.0, **common)
@@ -134,11 +169,42 @@ def main() -> None:
     print(f"\nbatched / one-at-a-time tokens/s: eval-style {ratios['eval_batched_over_one_at_a_time']:.2f}x, "
           f"candidate-style {ratios['candidates_batched_over_one_at_a_time']:.2f}x")
     print(f"candidate-style batches, prompt read once / read k times: {ratios['candidates_prompt_read_once_over_k_times']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"figures": figures, "ratios": ratios, "model": args.model or "tiny",
-                                               "device": str(device)}, indent=2))
-    if tmp:
-        tmp.cleanup()
+    return figures, ratios
+
+
+def data_parallel(args, model_name: str) -> dict:
+    """The candidate stage as 1 process and as N (torchrun), interleaved; same output checked."""
+    import statistics
+    import subprocess
+
+    from alignkit.data import DEMO_DATA, load_prompts
+
+    n = args.processes
+    work = Path(tempfile.mkdtemp(prefix="dp_bench_"))
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in load_prompts(DEMO_DATA)[: args.prompts]))
+    root = Path(__file__).resolve().parent.parent
+    walls: dict[int, list[float]] = {1: [], n: []}
+    outputs = {}
+    for rep in range(args.repeats):
+        for procs in (1, n):
+            run_dir = work / f"p{procs}-{rep}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                   "-m", "alignkit.cli", "annotate", "generate", f"run_dir={run_dir}", f"model={model_name}",
+                   f"prompts={prompts}", f"k={args.k}", f"max_new_tokens={args.max_new_tokens}",
+                   f"batch_size={max(1, args.batch_size // args.k)}"]
+            env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(max(1, args.cores // procs))}
+            t0 = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, capture_output=True)
+            walls[procs].append(time.perf_counter() - t0)
+            outputs[procs] = (run_dir / "candidates" / "candidates.jsonl").read_text()
+    one, many = statistics.median(walls[1]), statistics.median(walls[n])
+    same = outputs[1] == outputs[n]
+    print(f"\ncandidate stage, {args.prompts} prompts x k {args.k}, {args.cores} cores: 1 process {one:.1f} s, "
+          f"{n} processes {many:.1f} s (medians of {args.repeats}, interleaved) -> {one / many:.2f}x; "
+          f"same candidates file: {same}")
+    return {"processes": n, "cores": args.cores, "prompts": args.prompts, "k": args.k, "wall_s_one": walls[1],
+            "wall_s_many": walls[n], "speedup": one / many, "same_output": same}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
 from alignkit.evals.results import ASPECTS, REWARD_MODEL, RULE, aspect_scores, flat_metrics, generation_rows, per_reply, with_groups
 from alignkit.rewards import load_reward_function
-from alignkit.runstore import atomic_write_json, stage_run, write_jsonl
+from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
 from alignkit.trackers import Tracker, TrackingConfig
 
 log = logging.getLogger("alignkit.eval")
@@ -253,7 +253,8 @@ def _generate_all(cfg: EvalConfig, prompts: list[dict], paths: dict[str, str], r
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        atomic_write_json(cached, data)
+        if is_main_process():
+            atomic_write_json(cached, data)
         results[name] = data
     del ref
     return results
@@ -379,17 +380,18 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         from alignkit.evals.human import load_results
         from alignkit.evals.report import write_report
 
-        atomic_write_json(out / "eval.json", result)
-        write_jsonl(out / "generations.jsonl", rows)
-        # human evaluations of these very replies (the same generations) stay in the report
-        write_report(result, rows, out / "report.html", samples=cfg.report_samples, human=load_results(out))
         for key in ("eval.json", "generations.jsonl", "report.html"):
             run.add_output(key.split(".")[0], out / key)
         run.metrics.update(flat_metrics(result))
-        tracker = Tracker(cfg, out, config)
-        tracker.log(run.metrics, step=0)
-        tracker.close()
-        _log_summary(result)
+        if is_main_process():  # under a launcher every process computed the same result
+            atomic_write_json(out / "eval.json", result)
+            write_jsonl(out / "generations.jsonl", rows)
+            # human evaluations of these very replies (the same generations) stay in the report
+            write_report(result, rows, out / "report.html", samples=cfg.report_samples, human=load_results(out))
+            tracker = Tracker(cfg, out, config)
+            tracker.log(run.metrics, step=0)
+            tracker.close()
+            _log_summary(result)
     return result
 
 

@@ -86,6 +86,8 @@ def work(tmp_path_factory, tiny_model) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from alignkit.models import build_tiny_model
+
     d = tmp_path_factory.mktemp("engines")
     (d / "sft.jsonl").write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"{i} is a number and {i + 1} follows."}) + "\n"
                                          for i in range(24)))
@@ -98,6 +100,7 @@ def work(tmp_path_factory, tiny_model) -> dict:
     rm.config.pad_token_id = tokenizer.pad_token_id
     rm.save_pretrained(d / "reward_model")
     tokenizer.save_pretrained(d / "reward_model")
+    build_tiny_model(d / "other", seed=1)  # a second policy for the eval
     common = {"model": str(tiny_model), "learning_rate": 1e-3, "batch_size": 4}
     configs = {  # 16 training examples or pairs: 2 steps of 8, within the first epoch
         "sft": {**common, "data": str(d / "sft.jsonl"), "max_steps": 2, "save_steps": 1},
@@ -193,3 +196,34 @@ def test_ppo_under_deepspeed_stops_with_a_clear_error_instead_of_running_as_ddp(
     assert proc.returncode != 0
     assert "DeepSpeed is not supported for PPO" in proc.stderr and "fsdp" in proc.stderr
     assert read_manifest(out) is None  # nothing started, nothing claimed
+
+
+def run_processes(n: int, args: list[str], cwd: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "alignkit.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+
+
+def test_two_processes_generate_the_candidates_and_the_eval_one_process_writes(work, tiny_model, tmp_path):
+    """Each process samples every other batch (each batch seeded by its number) and all gather the
+    replies in order: the files are byte for byte those of one process; 21 prompts in batches of
+    4 leave the last batch short and give the processes unequal shares."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Write about topic {i} in a few words."}) + "\n" for i in range(21)))
+    for n in (1, 2):
+        run_processes(n, ["annotate", "generate", f"run_dir={tmp_path / f'annotate{n}'}", f"model={tiny_model}",
+                          f"prompts={prompts}", "k=3", "max_new_tokens=16", "batch_size=4"], tmp_path)
+        run_processes(n, ["eval", f"models={{sft: {tiny_model}, other: {work['dir'] / 'other'}}}", "baseline=sft", f"prompts={prompts}", f"output_dir={tmp_path / f'eval{n}'}",
+                          "max_new_tokens=12", "batch_size=4", "samples_per_prompt=2", "cpu_threads=1",
+                          f"reward_model={work['dir'] / 'reward_model'}"], tmp_path)
+    candidates = [(tmp_path / f"annotate{n}" / "candidates" / "candidates.jsonl").read_text() for n in (1, 2)]
+    assert candidates[0] == candidates[1] and len(candidates[0].splitlines()) == 21
+    generations = [(tmp_path / f"eval{n}" / "generations.jsonl").read_text() for n in (1, 2)]
+    assert generations[0] == generations[1] and len(generations[0].splitlines()) == 21 * 2  # a row per prompt and sample
+    results = [json.loads((tmp_path / f"eval{n}" / "eval.json").read_text()) for n in (1, 2)]
+    for r in results:  # generation times differ by design
+        for model in r["models"].values():
+            model["generation"].pop("seconds")
+    assert results[0] == results[1]
+    assert read_manifest(tmp_path / "eval2")["status"] == "completed"
