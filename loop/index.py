@@ -7,8 +7,8 @@ import html
 import json
 from pathlib import Path
 
-from alignkit.loop.rounds import round_results, rounds_section
-from alignkit.runstore import atomic_write_text, read_manifest
+from alignkit.loop.rounds import round_gains, round_results, rounds_section
+from alignkit.runstore import atomic_write_json, atomic_write_text, read_manifest
 
 REPORTS = [  # (stage dir, file, what it is)
     ("sft", "manifest.json", "SFT manifest: loss before/after, held-out leakage check"),
@@ -69,7 +69,10 @@ def write_index(run: Path, timings: dict[str, float] | None = None, eval_dir: st
         f"<h2>{title}{'' if rounds == 1 else f', round {k}'}</h2><pre>{html.escape(eval_summary(result))}</pre>"
         for k, result in results.items())
     if rounds > 1:
-        summary = rounds_section(run, rounds, results) + summary
+        gains = round_gains(run, results, eval_dir)
+        if eval_dir == "eval":  # the figures for machines: rounds.json beside the index
+            atomic_write_json(run / "rounds.json", {"eval": eval_dir, "gains_over_round_1": gains})
+        summary = rounds_section(run, rounds, results, gains) + summary
     times = "".join(f"<li>{html.escape(k)}: {v:.0f} s</li>" for k, v in (timings or {}).items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>alignkit run {html.escape(run.name)}</title>
 <style>body{{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}

@@ -89,7 +89,40 @@ def model_names(results: dict[int, dict]) -> list[str]:
     return list(dict.fromkeys(name for r in results.values() for name in r.get("models") or {}))
 
 
-def rounds_section(run: Path, rounds: int, results: dict[int, dict]) -> str:
+def round_gains(run: Path, results: dict[int, dict], eval_dir: str, confidence: float = 0.95) -> dict:
+    """Round k against round 1, per model evaluated in both, paired by prompt: the mean over prompts
+    of (the share of the model's round-k replies that pass the oracle) minus (the share of its
+    round-1 replies), with its interval; overall and per slice of the test prompts. Both rounds'
+    evals use the same prompts and seeds, so the pairing is exact. {} without the oracle."""
+    from alignkit.evals.stats import mean_ci
+
+    def read_jsonl(path: Path) -> list[dict]:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def shares(k: int) -> dict[str, dict[str, float]]:  # model -> prompt id -> share of passing replies
+        path = round_dir(run, k) / eval_dir / "generations.jsonl"
+        passed: dict[str, dict[str, list[float]]] = {}
+        for row in read_jsonl(path) if path.exists() else []:
+            for name, reply in row["responses"].items():
+                if reply.get("oracle_score") is not None:
+                    passed.setdefault(name, {}).setdefault(row["id"], []).append(float(reply["oracle_score"] >= 1.0))
+        return {name: {i: sum(v) / len(v) for i, v in per.items()} for name, per in passed.items()}
+
+    prompts = run / "sft" / ("heldout_prompts.jsonl" if eval_dir == "eval" else "validation_prompts.jsonl")
+    slices = {p["id"]: p.get("slice") for p in read_jsonl(prompts)} if prompts.exists() else {}
+    first, gains = shares(1), {}
+    for k in (k for k in results if k > 1):
+        later = shares(k)
+        for name in (n for n in later if n in first and n != results[k].get("baseline")):
+            ids = sorted(set(first[name]) & set(later[name]))
+            groups = {"all": ids, **{s: [i for i in ids if slices.get(i) == s]
+                                     for s in sorted({slices.get(i) for i in ids} - {None})}}
+            gains.setdefault(k, {})[name] = {g: mean_ci([later[name][i] - first[name][i] for i in members], confidence)
+                                             for g, members in groups.items() if members}
+    return gains
+
+
+def rounds_section(run: Path, rounds: int, results: dict[int, dict], gains: dict | None = None) -> str:
     """Every round's headline figures side by side (per model: the length-controlled reward-model
     win rate over the baseline, judged by that round's reward model, and the oracle's pass rate,
     the same judge in every round), the policy each round's candidates came from, and a plot.
@@ -113,12 +146,22 @@ def rounds_section(run: Path, rounds: int, results: dict[int, dict]) -> str:
         choices.append(f"<li>round {k}: candidates from round {k - 1}'s <b>{html.escape(c['chosen'])}</b> "
                        f"(<a href='{html.escape(f'round{k}/{CHOSEN_POLICY}')}'>{CHOSEN_POLICY}</a>: highest "
                        f"{html.escape(c['rule_text'])} on the validation prompts: {figures})</li>")
+    gain_rows = "".join(
+        f"<tr><td>round {k}</td><td>{html.escape(name)}</td><td>{html.escape(group)}</td><td>{g['n']}</td>"
+        f"<td>{g['mean']:+.3f}" + (f" [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]" if g["ci"][0] is not None else "")
+        + "</td></tr>"
+        for k, per_model in (gains or {}).items() for name, per_group in per_model.items()
+        for group, g in per_group.items())
+    gain_table = (f"<p>Round k against round 1, paired by prompt (the same test prompts and seeds): the oracle's "
+                  f"pass share of each model's replies in round k minus in round 1 (95% interval; above 0: round k "
+                  f"is better).</p><table id='round-gains'><tr><th>round</th><th>model</th><th>prompts</th><th>n</th>"
+                  f"<th>pass share gain over round 1</th></tr>{gain_rows}</table>" if gain_rows else "")
     png = _rounds_png(results) if len(results) > 1 else None
     plot = (f"<p><img id='rounds-plot' alt='scores over rounds' src='data:image/png;base64,{png}' "
             f"style='max-width:100%'></p>" if png else "")
     return (f"<h2>Rounds</h2><p>Each round's held-out evaluation, per model (95% intervals). Win rates are judged "
             f"by that round's reward model, so they compare models within a round; the oracle's pass rate has "
-            f"the same judge in every round.</p>{table}<ul>{''.join(choices)}</ul>{plot}")
+            f"the same judge in every round.</p>{table}{gain_table}<ul>{''.join(choices)}</ul>{plot}")
 
 
 def _rounds_png(results: dict[int, dict]) -> str:

@@ -85,7 +85,11 @@ def test_two_rounds_end_to_end_then_a_rerun_skips_every_stage(tmp_path, tiny_mod
         rows = page.eval_on_selector_all("#rounds tr", "rows => rows.map(r => r.innerText)")
         assert len(rows) == 4 and all(row.count("[") == 4 for row in rows[2:]), rows  # dpo, ppo: both rounds' CIs
         assert f"candidates from round 1's {choice['chosen']}" in page.inner_text("body")
+        gains = page.eval_on_selector_all("#round-gains tr", "rows => rows.map(r => r.innerText)")
+        assert any(row.startswith("round 2\tdpo\tall") for row in gains), gains
         assert all(u.startswith(("file:", "data:")) for u in requests), requests  # self-contained
+    gains = json.loads((loop / "rounds.json").read_text())["gains_over_round_1"]
+    assert set(gains["2"]) == {"dpo", "ppo"} and gains["2"]["dpo"]["all"]["n"] == result["oracle_prompts"]
     out = capsys.readouterr().out
     assert "evaluation of round 1" in out and "evaluation of round 2" in out
 
@@ -170,3 +174,28 @@ def test_bad_round_settings_stop_the_loop_before_any_stage(tmp_path, overrides, 
     assert main(["run", "configs/quickstart.yaml", f"run_dir={tmp_path / 'loop'}", *overrides]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "loop").exists()
+
+
+def test_round_gains_pair_each_prompt_across_rounds_overall_and_per_slice(tmp_path):
+    """Round 2 against round 1 per model: per prompt, the share of passing replies in round 2 minus
+    in round 1 (two replies a prompt here), averaged over prompts, overall and per slice."""
+    from alignkit.loop.rounds import round_gains
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "heldout_prompts.jsonl").write_text("".join(
+        json.dumps({"id": i, "slice": s}) + "\n" for i, s in (("a", "demo"), ("b", "demo"), ("c", "held_out"))))
+    passes = {1: {"a": (1, 0), "b": (0, 0), "c": (1, 1)}, 2: {"a": (1, 1), "b": (1, 0), "c": (0, 1)}}
+    for k, per_prompt in passes.items():
+        d = tmp_path / ("eval" if k == 1 else "round2/eval")
+        d.mkdir(parents=True)
+        rows = [{"id": i, "sample": j, "responses": {"sft": {"oracle_score": 0.5},
+                                                      "dpo": {"oracle_score": [0.5, 1.0][p[j]]}}}
+                for i, p in per_prompt.items() for j in range(2)]
+        (d / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gains = round_gains(tmp_path, {1: {"baseline": "sft"}, 2: {"baseline": "sft"}}, "eval")
+    assert list(gains) == [2] and list(gains[2]) == ["dpo"]  # the baseline is the same model in every round
+    by = gains[2]["dpo"]
+    # per prompt: a 1.0 - 0.5, b 0.5 - 0, c 0.5 - 1.0
+    assert by["all"]["mean"] == pytest.approx((0.5 + 0.5 - 0.5) / 3) and by["all"]["n"] == 3
+    assert by["demo"]["mean"] == pytest.approx(0.5) and by["held_out"]["mean"] == pytest.approx(-0.5)
+    assert by["held_out"]["ci"] == [None, None]  # one prompt: no interval
