@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from alignkit.distributed import prepare_processes
+from alignkit.distributed import end_processes, prepare_processes
 from alignkit.errors import AlignkitError
 
 # command -> ("module:function" that configures its parser, one-line help), in loop order
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignkit: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        end_processes()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ from alignkit.errors import AlignkitError
 
 
 
-def _flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """An accelerate launcher's boolean environment variable (ACCELERATE_USE_FSDP, ...)."""
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
@@ -42,8 +43,19 @@ def prepare_processes() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" is this process's GPU
         return  # accelerate handles every engine on GPUs itself
-    if _flag("ACCELERATE_USE_FSDP"):
+    if env_flag("ACCELERATE_USE_FSDP"):
         _let_fsdp_run_on_cpu()
+
+
+def end_processes() -> None:
+    """Leave the process group, if this process joined one (torch warns at exit otherwise)."""
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _let_fsdp_run_on_cpu() -> None:
@@ -72,18 +84,34 @@ def _let_fsdp_run_on_cpu() -> None:
 
 
 
-def my_batches(n_batches: int) -> list[int]:
-    """The batch numbers this process generates: all of them alone, every N-th of them when a
-    launcher started N processes (the default process group is started here if no stage did)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return list(range(n_batches))
+def _joined() -> bool:
+    """Join the launcher's process group if no stage did yet; False when this process runs alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def my_batches(n_batches: int) -> list[int]:
+    """The batch numbers this process generates: all of them alone, every N-th of them when a
+    launcher started N processes."""
+    if not _joined():
+        return list(range(n_batches))
+    import torch.distributed as dist
+
     return list(range(dist.get_rank(), n_batches, dist.get_world_size()))
+
+
+def wait_for_all() -> None:
+    """A barrier across the launcher's processes (nothing when alone)."""
+    if _joined():
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def gather_by_index(mine: dict[int, Any]) -> dict[int, Any]:

@@ -188,7 +188,9 @@ class StageRun:
                 path.unlink(missing_ok=True)
 
     def _same_as(self, manifest: dict) -> bool:
-        return not self.differences_from(manifest)
+        return manifest.get("config") == redact(self.config) and {
+            k: v.get("hash") for k, v in manifest.get("inputs", {}).items()
+        } == {k: v.get("hash") for k, v in self.inputs.items()}
 
     def differences_from(self, manifest: dict) -> list[str]:
         """What makes this run differ from an earlier one: config keys (dotted) and inputs whose
@@ -198,11 +200,13 @@ class StageRun:
                 return {prefix.rstrip("."): d}
             return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
 
+        missing = object()  # a key one side lacks differs even from a None on the other
         old, new = flat(manifest.get("config") or {}), flat(redact(self.config))
-        changed = [f"config {k}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        changed = [f"config {k}" for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
         old_in = {k: v.get("hash") for k, v in manifest.get("inputs", {}).items()}
         new_in = {k: v.get("hash") for k, v in self.inputs.items()}
-        return changed + [f"input {k}" for k in sorted(old_in.keys() | new_in.keys()) if old_in.get(k) != new_in.get(k)]
+        return changed + [f"input {k}" for k in sorted(old_in.keys() | new_in.keys())
+                          if old_in.get(k, missing) != new_in.get(k, missing)] or ["the config's layout"]
 
     def manifest(self, status: str, error: str | None = None) -> dict:
         m = {

@@ -27,6 +27,9 @@ from alignkit.config import ConfigError, check_range, doc
 from alignkit.trackers import TrackingConfig, run_name, transformers_report_to
 from alignkit.errors import TrainingDivergedError
 
+FSDP_MERGE = ("{stage}: merging LoRA adapters into a model sharded by FSDP or ZeRO-3 is not supported yet: train without "
+              "LoRA (lora.enabled=false), keep the adapters unmerged where the stage allows it (lora.merge=false: "
+              "SFT, DPO, GRPO, RLOO, PPO; the reward stage always merges), or launch without FSDP")
 DIVERGED_HINT = "lower learning_rate, or check the data for NaN or huge values (e.g. NaN margins)"
 
 
@@ -166,9 +169,13 @@ def latest_checkpoint(ckpt_dir: Path, prefix: str = "checkpoint", marker: str = 
     return done[-1] if done else None
 
 
-def train_from_last_checkpoint(trainer, run, stage: str):
+def train_from_last_checkpoint(trainer, run, stage: str, merge_at_end: bool = False):
     """``trainer.train()`` of a TRL stage, resuming from the newest complete checkpoint under
-    ``<run dir>/checkpoints`` when there is one (noted in the manifest as ``resumed_from``)."""
+    ``<run dir>/checkpoints`` when there is one (noted in the manifest as ``resumed_from``).
+    ``merge_at_end``: the stage will merge LoRA adapters into the saved model, which a sharded
+    model (FSDP, ZeRO-3) cannot do yet: refused here, before any training, not after it."""
+    if merge_at_end and sharded(trainer.accelerator):
+        raise ConfigError(FSDP_MERGE.format(stage=stage))
     checkpoint = latest_checkpoint(run.dir / "checkpoints")
     run.notes.update(processes=trainer.accelerator.num_processes,
                      distributed_type=str(trainer.accelerator.distributed_type))
@@ -222,9 +229,13 @@ def evaluate_once(trainer, path: Path) -> dict:
     # Under DDP, evaluate() prepares the bare model for evaluation only and marks it prepared, so
     # train() would then skip the DDP wrap and every rank would train its own copy on its own batches
     # (transformers 5, accelerate 1.x). Unmark it: train() then wraps it as it would without the eval.
+    # DeepSpeed likewise leaves its evaluation-only engine as the model to train, without an optimiser.
     if trainer.accelerator.distributed_type.name.startswith("MULTI_") and trainer.model is trainer.model_wrapped:
         trainer.model._is_accelerate_prepared = False
+        trainer.accelerator._models.clear()
     if trainer.is_deepspeed_enabled:
+        if getattr(trainer.deepspeed, "destroy", None):  # its ZeRO-3 hooks off the module
+            trainer.deepspeed.destroy()
         trainer.model_wrapped, trainer.deepspeed = trainer.model, None
         trainer.accelerator._models.clear()
     if is_main_process():
@@ -346,8 +357,7 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, merge: bool, padding
     still evaluate it, or save the adapters alone afterwards (reward with ``lora.merge=false``)."""
     trainer.accelerator.wait_for_everyone()
     model = trainer.accelerator.unwrap_model(trainer.model)
-    import torch as _t; print("DBG rank", trainer.accelerator.process_index, sum(p.detach().double().sum().item() for p in model.parameters()), type(trainer.model_wrapped).__name__, trainer.args.parallel_mode, trainer.accelerator.distributed_type, flush=True)
-    full = gather_full_state_dict(model, trainer.accelerator, merge)
+    full = gather_full_state_dict(trainer.model_wrapped, trainer.accelerator, merge)
     if not trainer.is_world_process_zero():
         return
     if merge:
@@ -355,18 +365,28 @@ def save_trained_model(trainer, tokenizer, model_dir: Path, merge: bool, padding
     save_model_atomically(model, tokenizer, model_dir, padding_side, state_dict=full)
 
 
-def gather_full_state_dict(model, accelerator, merge: bool = False) -> dict | None:
-    """Under FSDP, the whole model's weights, gathered from every rank's shards onto the main
-    process's CPU (a collective: every rank calls it; the others get an empty dict). None when the
-    model is not sharded: it then saves its own weights."""
-    if not accelerator.is_fsdp2:
+def sharded(accelerator) -> bool:
+    """The weights are split across processes: FSDP2, or DeepSpeed ZeRO-3."""
+    if accelerator.is_fsdp2:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type.name == "DEEPSPEED" and plugin is not None and plugin.zero_stage == 3
+
+
+def gather_full_state_dict(wrapped, accelerator, merge: bool = False) -> dict | None:
+    """Under FSDP2 or ZeRO-3, the whole model's weights gathered from every process's shards onto
+    the main process (a collective: every process calls it; under FSDP the others get an empty
+    dict). ``wrapped``: the model as prepared (the DeepSpeed engine under ZeRO-3). None when the
+    weights are not split: the model then saves its own."""
+    if not sharded(accelerator):
         return None
     if merge:
-        raise ConfigError("merging LoRA adapters into a model trained under FSDP is not supported yet: "
-                          "set lora.merge=false (the adapters are saved), or train without FSDP")
+        raise ConfigError(FSDP_MERGE.format(stage="this stage"))
+    if not accelerator.is_fsdp2:
+        return accelerator.get_state_dict(wrapped)  # ZeRO-3: needs zero3_save_16bit_model, as configs/accelerate has
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def transformer_blocks(model):

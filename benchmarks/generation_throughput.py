@@ -19,7 +19,8 @@ the GPU's peak bf16 FLOP/s (forward passes only; attention FLOPs are left out, s
 
 Then data parallelism: the candidate stage (``alignkit annotate generate``) run as one process and
 as ``--processes`` processes under torchrun, interleaved (1, N, 1, N, ...; ``--repeats`` pairs),
-on the same cores (one process gets all ``--cores`` threads, N processes one share each). It prints
+on the same cores (on CPU one process gets all ``--cores`` threads, N processes one share each; on
+GPUs torchrun gives each process its own GPU). It prints
 the median wall times (process start and model load included: what a user waits for), the
 speed-up, and checks that both wrote the same candidates file. Every run appends a line to
 benchmarks/results/generation_throughput.jsonl.
@@ -35,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -111,7 +113,10 @@ def main() -> None:
     if args.processes > 1:
         figures["data_parallel"] = data_parallel(args, model_name)
         ratios["processes_over_one"] = figures["data_parallel"]["speedup"]
-    line = {"model": args.model or "tiny", "figures": figures, "ratios": ratios, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    import torch
+
+    line = {"model": args.model or "tiny", "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            "figures": figures, "ratios": ratios, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     results = Path(__file__).resolve().parent / "results" / "generation_throughput.jsonl"
     results.parent.mkdir(exist_ok=True)
     with open(results, "a") as f:
@@ -200,6 +205,7 @@ def data_parallel(args, model_name: str) -> dict:
             outputs[procs] = (run_dir / "candidates" / "candidates.jsonl").read_text()
     one, many = statistics.median(walls[1]), statistics.median(walls[n])
     same = outputs[1] == outputs[n]
+    shutil.rmtree(work, ignore_errors=True)
     print(f"\ncandidate stage, {args.prompts} prompts x k {args.k}, {args.cores} cores: 1 process {one:.1f} s, "
           f"{n} processes {many:.1f} s (medians of {args.repeats}, interleaved) -> {one / many:.2f}x; "
           f"same candidates file: {same}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import DataError, load_prompts, prompt_text, read_dataset_rows
+from alignkit.distributed import wait_for_all
 from alignkit.evals.results import ASPECTS, REWARD_MODEL, RULE, aspect_scores, flat_metrics, generation_rows, per_reply, with_groups
 from alignkit.rewards import load_reward_function
 from alignkit.runstore import atomic_write_json, is_main_process, stage_run, write_jsonl
@@ -347,8 +348,10 @@ def evaluate(cfg: EvalConfig, force: bool = False) -> dict:
         if run.skipped:
             log.info("eval: already completed in %s (use --force to run again)", out)
             return json.loads((out / "eval.json").read_text())
-        if force:
-            shutil.rmtree(out / "cache", ignore_errors=True)
+        if force:  # every process must then see the cache gone, or they would not generate in step
+            if is_main_process():
+                shutil.rmtree(out / "cache", ignore_errors=True)
+            wait_for_all()
         # an earlier run's results must not outlive it: a crash below leaves no stale report
         run.clear_for_fresh_start("eval.json", "generations.jsonl", "report.html")
         import torch

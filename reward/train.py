@@ -365,6 +365,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
 
         cache = None
         if (cfg.cache_frozen_features and cfg.trainable_layers and peft_config is None
+                and not trainer.accelerator.is_fsdp2  # the frozen blocks are sharded too: no cache
                 and cfg.trainable_layers < model.config.num_hidden_layers):
             from alignkit.feature_cache import FrozenBlockCache
 
@@ -376,7 +377,7 @@ def train(cfg: RewardTrainConfig, force: bool = False) -> dict:
         with cache or contextlib.nullcontext():
             # Held-out accuracy before training, measured once (a resumed run reports the same figure).
             initial = evaluate_once(trainer, out / "initial_eval.json") if has_eval else {}
-            result = train_from_last_checkpoint(trainer, run, "reward")
+            result = train_from_last_checkpoint(trainer, run, "reward", merge_at_end=peft_config is not None)
             final = trainer.evaluate() if has_eval else {}
         del cache
 

@@ -230,7 +230,7 @@ def train(cfg: DPOStageConfig, force: bool = False) -> dict:
                         run.notes["dropped_too_long"])
 
         initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
-        result = train_from_last_checkpoint(trainer, run, "dpo")
+        result = train_from_last_checkpoint(trainer, run, "dpo", merge_at_end=peft_config is not None and cfg.lora.merge)
         final = trainer.evaluate()
 
         model_dir = out / "model"

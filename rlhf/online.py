@@ -122,7 +122,7 @@ def train(cfg: OnlineRLConfig, method: str, force: bool = False) -> dict:
                           train_dataset=Dataset.from_list([{"prompt": p["prompt"]} for p in prompts]),
                           processing_class=tokenizer, peft_config=peft_config,
                           callbacks=stage_callbacks(cfg, out, method))
-        result = train_from_last_checkpoint(trainer, run, method)
+        result = train_from_last_checkpoint(trainer, run, method, merge_at_end=peft_config is not None and cfg.lora.merge)
         model_dir = out / "model"
         save_trained_model(trainer, tokenizer, model_dir, merge=peft_config is not None and cfg.lora.merge)
         run.add_output("model", model_dir)

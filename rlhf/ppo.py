@@ -42,7 +42,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 import torch
 from alignkit.config import ConfigError, to_dict
 from alignkit.data import load_prompts
+from alignkit.distributed import env_flag
 from alignkit.generation import encode_prompt, left_pad, stop_token_ids
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
@@ -62,7 +62,7 @@ from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, cac
                                       generation_config_of, response_logprobs, response_values, save_policy)
 from alignkit.runstore import stage_run
 from alignkit.trackers import Tracker
-from alignkit.training import check_finite, latest_checkpoint, use_bf16
+from alignkit.training import FSDP_MERGE, check_finite, latest_checkpoint, use_bf16
 
 log = logging.getLogger("alignkit.ppo")
 
@@ -140,7 +140,7 @@ class PPORecipe:
         from accelerate import Accelerator
 
         self.cfg, self.prompts = cfg, prompts
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if env_flag("ACCELERATE_USE_DEEPSPEED"):
             # our Accelerator would quietly fall back to DDP; ZeRO would need an engine per model
             raise ConfigError("ppo: DeepSpeed is not supported for PPO yet (its policy and value model would need "
                               "a DeepSpeed engine each); launch it with configs/accelerate/fsdp.yaml (FSDP2) "
@@ -148,6 +148,8 @@ class PPORecipe:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision="bf16" if use_bf16(cfg.bf16) else "no")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        if self.accelerator.is_fsdp2 and cfg.lora.enabled and cfg.lora.merge:
+            raise ConfigError(FSDP_MERGE.format(stage="ppo"))
         self.main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.policy_path = resolve_model(cfg.model)
         self.value_path = resolve_model(cfg.value_model or cfg.reward_model or cfg.model)
@@ -210,9 +212,10 @@ class PPORecipe:
         ckpt = latest_checkpoint(self.ckpt_root, prefix=PREFIX, marker=MARKER)
         if ckpt is not None:
             state = torch.load(ckpt / MARKER, weights_only=False)
-            if state["world_size"] != self.world:
-                raise ValueError(f"{ckpt}: written by {state['world_size']} processes, resumed with {self.world}; "
-                                 "resume with the same number of processes")
+            if state["world_size"] != self.world or state.get("sharded", False) != self.sharded:
+                raise ValueError(f"{ckpt}: written by {state['world_size']} processes"
+                                 f"{' under FSDP' if state.get('sharded') else ''}, resumed with {self.world}"
+                                 f"{' under FSDP' if self.sharded else ''}; resume with the same processes and engine")
             rank = f"_rank{self.rank}" if self.sharded else ""  # under FSDP each rank reads its own shards
             if self.sharded:
                 state = torch.load(ckpt / f"state{rank}.pt", weights_only=False)
@@ -418,7 +421,7 @@ class PPORecipe:
 
     def save_checkpoint(self, step: int) -> None:
         """``checkpoints/step-N``: what :meth:`resume` reads back (see ``ppo_checkpoints``)."""
-        state = {"step": step, "world_size": self.world,
+        state = {"step": step, "world_size": self.world, "sharded": self.sharded,
                  "policy_optimizer": self.opt_p.state_dict(), "value_optimizer": self.opt_v.state_dict(),
                  "policy_scheduler": self.sched_p.state_dict(), "value_scheduler": self.sched_v.state_dict(),
                  "kl_controller": self.kl_ctl.state_dict()}

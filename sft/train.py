@@ -202,7 +202,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
             trainer.data_collator = _RecordingCollator(trainer.data_collator, trainer.model, seen)
 
         initial = evaluate_once(trainer, out / "initial_eval.json")  # a resumed run reports the same "before"
-        result = train_from_last_checkpoint(trainer, run, "sft")
+        result = train_from_last_checkpoint(trainer, run, "sft", merge_at_end=cfg.lora.merge and peft_config is not None)
         if cfg.record_seen_examples:
             atomic_write_json(out / f"seen_examples_rank{os.environ.get('RANK', '0')}.json", seen)
         final = trainer.evaluate()
