@@ -175,14 +175,17 @@ def test_two_processes_train_what_one_process_trains(engine, stage, work, one_pr
     assert relative_difference(out / "model", one_process[stage] / "model", work["start"]) < 1e-3
 
 
-def test_sft_under_fsdp2_killed_after_a_checkpoint_resumes_and_ends_where_an_uninterrupted_run_ends(work, tmp_path):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "zero3"])
+def test_sft_killed_after_a_checkpoint_resumes_and_ends_where_an_uninterrupted_run_ends(engine, work, tmp_path):
+    if engine == "zero3" and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed, or no g++")
     whole, killed = tmp_path / "uninterrupted", tmp_path / "killed"
-    launch("fsdp2", "sft", write_config(work, "sft", whole, max_steps=12, save_steps=2), tmp_path)
+    launch(engine, "sft", write_config(work, "sft", whole, max_steps=12, save_steps=2), tmp_path)
     config = write_config(work, "sft", killed, max_steps=12, save_steps=2)
     kill_when([], tmp_path, lambda: (killed / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists(),
-              "its first checkpoint", command=launch_command("fsdp2", "sft", config), env=launch_env())
+              "its first checkpoint", command=launch_command(engine, "sft", config), env=launch_env())
     assert read_manifest(killed)["status"] == "running"  # what a crash leaves
-    launch("fsdp2", "sft", config, tmp_path)
+    launch(engine, "sft", config, tmp_path)
     manifest = read_manifest(killed)
     assert manifest["status"] == "completed" and "checkpoint-" in manifest["notes"]["resumed_from"]
     assert relative_difference(killed / "model", whole / "model", work["start"]) < 1e-5
