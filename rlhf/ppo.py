@@ -48,21 +48,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from alignkit.config import ConfigError, to_dict
+from alignkit.config import to_dict
 from alignkit.data import load_prompts
-from alignkit.distributed import env_flag
 from alignkit.generation import encode_prompt, left_pad, stop_token_ids
 from alignkit.models import load_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
 from alignkit.rlhf import ppo_core as core
-from alignkit.rlhf.ppo_checkpoints import (MARKER, PREFIX, keep_metrics_up_to, load_trainable_state, set_rng_state,
+from alignkit.rlhf.ppo_checkpoints import (MARKER, PREFIX, keep_metrics_up_to, read_checkpoint, replicas_in_sync,
                                            write_checkpoint)
 from alignkit.rlhf.ppo_config import PPOConfig
-from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, cached_lower_blocks, chunks, feature_caches,
-                                      generation_config_of, response_logprobs, response_values, save_policy)
+from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, cached_lower_blocks, check_engine, chunks,
+                                      feature_caches, generation_config_of, response_logprobs, response_values, save_policy)
 from alignkit.runstore import stage_run
 from alignkit.trackers import Tracker
-from alignkit.training import FSDP_MERGE, check_finite, latest_checkpoint, use_bf16
+from alignkit.training import check_finite, latest_checkpoint, use_bf16
 
 log = logging.getLogger("alignkit.ppo")
 
@@ -140,16 +139,10 @@ class PPORecipe:
         from accelerate import Accelerator
 
         self.cfg, self.prompts = cfg, prompts
-        if env_flag("ACCELERATE_USE_DEEPSPEED"):
-            # our Accelerator would quietly fall back to DDP; ZeRO would need an engine per model
-            raise ConfigError("ppo: DeepSpeed is not supported for PPO yet (its policy and value model would need "
-                              "a DeepSpeed engine each); launch it with configs/accelerate/fsdp.yaml (FSDP2) "
-                              "or plain DDP instead: see docs/distributed.md")
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                                        mixed_precision="bf16" if use_bf16(cfg.bf16) else "no")
+        check_engine(cfg, self.accelerator)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        if self.accelerator.is_fsdp2 and cfg.lora.enabled and cfg.lora.merge:
-            raise ConfigError(FSDP_MERGE.format(stage="ppo"))
         self.main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.policy_path = resolve_model(cfg.model)
         self.value_path = resolve_model(cfg.value_model or cfg.reward_model or cfg.model)
@@ -211,23 +204,13 @@ class PPORecipe:
         start_step = 0
         ckpt = latest_checkpoint(self.ckpt_root, prefix=PREFIX, marker=MARKER)
         if ckpt is not None:
-            state = torch.load(ckpt / MARKER, weights_only=False)
-            if state["world_size"] != self.world or state.get("sharded", False) != self.sharded:
-                raise ValueError(f"{ckpt}: written by {state['world_size']} processes"
-                                 f"{' under FSDP' if state.get('sharded') else ''}, resumed with {self.world}"
-                                 f"{' under FSDP' if self.sharded else ''}; resume with the same processes and engine")
-            rank = f"_rank{self.rank}" if self.sharded else ""  # under FSDP each rank reads its own shards
-            if self.sharded:
-                state = torch.load(ckpt / f"state{rank}.pt", weights_only=False)
-            load_trainable_state(self.raw_policy, torch.load(ckpt / f"policy{rank}.pt", weights_only=False), "policy")
-            load_trainable_state(self.raw_value, torch.load(ckpt / f"value{rank}.pt", weights_only=False), "value")
+            state = read_checkpoint(ckpt, self.accelerator, {"policy": self.raw_policy, "value": self.raw_value})
             self.opt_p.load_state_dict(state["policy_optimizer"])
             self.opt_v.load_state_dict(state["value_optimizer"])
             self.sched_p.load_state_dict(state["policy_scheduler"])
             self.sched_v.load_state_dict(state["value_scheduler"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
             start_step = state["step"]
-            set_rng_state(torch.load(ckpt / f"rng_rank{self.rank}.pt", weights_only=False))
             self.run.notes["resumed_from"] = str(ckpt)
             if self.main:
                 log.info("ppo: resuming from %s (step %d)", ckpt, start_step)
@@ -433,13 +416,8 @@ class PPORecipe:
     def save_model(self) -> Path:
         """Check that the ranks ended in sync, then save the policy (merged, with LoRA and
         ``lora.merge``) to ``<run>/model``."""
-        # DDP keeps replicas identical; check it rather than trust it (a mismatch means a sync bug).
-        # Under FSDP each rank holds other shards: there is nothing to compare.
-        if not self.sharded:
-            params = [p for p in self.raw_policy.parameters() if p.requires_grad]
-            checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
-            sums = self.accelerator.gather(checksum.reshape(1).to(self.device)).cpu()
-            self.run.notes["ranks_in_sync"] = bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9))
+        if not self.sharded:  # under FSDP each rank holds other shards: nothing to compare
+            self.run.notes["ranks_in_sync"] = replicas_in_sync(self.raw_policy, self.accelerator)
         model_dir = self.out / "model"
         self.accelerator.wait_for_everyone()
         save_policy(self.raw_policy, self.tokenizer, model_dir, self.cfg.lora.enabled and self.cfg.lora.merge,

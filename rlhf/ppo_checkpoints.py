@@ -94,6 +94,32 @@ def write_checkpoint(root: Path, step: int, accelerator, models: dict[str, torch
     accelerator.wait_for_everyone()
 
 
+def read_checkpoint(ckpt: Path, accelerator, models: dict[str, torch.nn.Module]) -> dict:
+    """What :func:`write_checkpoint` wrote, back into ``models`` (their trainable weights) and this
+    rank's RNG; returns the trainer state (under FSDP, this rank's own). A checkpoint written by
+    another number of processes, or with or without FSDP, is refused: its shards would not fit."""
+    state = torch.load(ckpt / MARKER, weights_only=False)
+    sharded, world = accelerator.is_fsdp2, accelerator.num_processes
+    if state["world_size"] != world or state.get("sharded", False) != sharded:
+        raise ValueError(f"{ckpt}: written by {state['world_size']} processes{' under FSDP' if state.get('sharded') else ''}, "
+                         f"resumed with {world}{' under FSDP' if sharded else ''}; resume with the same processes and engine")
+    rank = f"_rank{accelerator.process_index}" if sharded else ""  # under FSDP each rank reads its own shards
+    if sharded:
+        state = torch.load(ckpt / f"state{rank}.pt", weights_only=False)
+    for name, model in models.items():
+        load_trainable_state(model, torch.load(ckpt / f"{name}{rank}.pt", weights_only=False), name)
+    set_rng_state(torch.load(ckpt / f"rng_rank{accelerator.process_index}.pt", weights_only=False))
+    return state
+
+
+def replicas_in_sync(model: torch.nn.Module, accelerator) -> bool:
+    """Whether every rank's copy of ``model``'s trainable weights is the same. DDP keeps replicas
+    identical; this checks it rather than trusting it (a mismatch means a synchronisation bug)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+    sums = accelerator.gather(checksum.reshape(1).to(accelerator.device)).cpu()
+    return bool(torch.allclose(sums, sums[0].expand_as(sums), rtol=0, atol=1e-9))
+
+
 def keep_metrics_up_to(path: Path, step: int) -> None:
     """Rewrite ``metrics.jsonl`` with the rows of steps ``<= step`` only: a killed run logged
     steps after its last checkpoint (all of them, when it died before the first), which the

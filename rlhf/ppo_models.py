@@ -15,14 +15,29 @@ import logging
 from pathlib import Path
 
 import torch
+
+from alignkit.config import ConfigError
 from alignkit.data import prompt_text
+from alignkit.distributed import env_flag
 from alignkit.generation import positions_of
 from alignkit.models import match_tokenizer, resolve_model
 from alignkit.rewards import load_reward_function
 from alignkit.rlhf import ppo_core as core
-from alignkit.training import freeze_lower_layers, gather_full_state_dict, lora_config, save_model_atomically
+from alignkit.training import FSDP_MERGE, freeze_lower_layers, gather_full_state_dict, lora_config, save_model_atomically
 
 log = logging.getLogger("alignkit.ppo")
+
+
+def check_engine(cfg, accelerator) -> None:
+    """Refuse the launches PPO cannot run: DeepSpeed (PPO's own ``Accelerator`` would quietly fall
+    back to DDP on it; ZeRO would need an engine for the policy and one for the value model), and a
+    LoRA merge at the end under FSDP (a sharded model cannot be merged yet)."""
+    if env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError("ppo: DeepSpeed is not supported for PPO yet (its policy and value model would need "
+                          "a DeepSpeed engine each); launch it with configs/accelerate/fsdp.yaml (FSDP2) "
+                          "or plain DDP instead: see docs/distributed.md")
+    if accelerator.is_fsdp2 and cfg.lora.enabled and cfg.lora.merge:
+        raise ConfigError(FSDP_MERGE.format(stage="ppo"))
 
 
 class Reward:
