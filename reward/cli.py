@@ -33,7 +33,7 @@ def configure_cli(p) -> None:
          "train with -log sigmoid(r_chosen - r_rejected - margin); resumes an interrupted run, skips a completed one",
          "configs/reward.yaml"),
         ("eval", RewardEvalConfig, _eval,
-         "held-out accuracy (95% CI), accuracy by margin, calibration, length correlation -> eval.json + report.html",
+         "held-out accuracy (95%% CI), accuracy by margin, calibration, length correlation -> eval.json + report.html",
          "configs/reward_eval.yaml"),
     ):
         v = verbs.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)

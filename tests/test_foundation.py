@@ -274,3 +274,28 @@ def test_every_trl_preference_shape_loads_with_its_prompt(tmp_path):
     assert len(data.pairs) == 1 and data.dropped["prompt_mismatch"] == 1
     with pytest.raises(DataError, match="share no text"):
         load_preferences(unrelated, on_bad_pair="error")
+
+
+# ------------------------------------------------------------------------------ command line
+
+def test_every_command_and_subcommand_prints_its_help():
+    """`alignkit X --help` and `alignkit X Y --help` must answer, not crash (a bare % in a help
+    string made `alignkit reward --help` raise inside argparse)."""
+    import argparse
+
+    from alignkit.cli import VERBS, build_parser
+
+    def subparsers(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from action.choices.items()
+
+    checked = []
+    for verb in VERBS:
+        for name, verb_parser in subparsers(build_parser([verb])):
+            if name != verb:
+                continue
+            for sub_name, sub_parser in [(verb, verb_parser), *subparsers(verb_parser)]:
+                assert "usage:" in sub_parser.format_help(), sub_name
+                checked.append(sub_name)
+    assert {"reward", "train", "eval", "dpo", "ppo", "sft"} <= set(checked)
