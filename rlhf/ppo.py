@@ -42,9 +42,8 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ from alignkit.rewards import load_reward_function
 from alignkit.rlhf import ppo_core as core
 from alignkit.rlhf.ppo_checkpoints import (MARKER, PREFIX, keep_metrics_up_to, read_checkpoint, replicas_in_sync,
                                            write_checkpoint)
-from alignkit.rlhf.ppo_config import PPOConfig
+from alignkit.rlhf.ppo_config import PPOConfig, lr_factor_of, prompts_for_step
 from alignkit.rlhf.ppo_models import (Reward, TokenValueModel, build_models, cached_lower_blocks, check_engine, chunks,
                                       feature_caches, generation_config_of, response_logprobs, response_values, save_policy)
 from alignkit.runstore import stage_run
@@ -64,34 +63,6 @@ from alignkit.trackers import Tracker
 from alignkit.training import check_finite, latest_checkpoint, use_bf16
 
 log = logging.getLogger("alignkit.ppo")
-
-
-# --------------------------------------------------------------------------------------------
-# Prompt order and learning-rate schedule: pure functions of the config and the step
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return tuple(order)
-
-
-def prompts_for_step(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """Indices of the prompts a rank uses at ``step`` (1-based): a stream of seeded shuffles of its
-    shard, one per epoch. Stateless, so a resumed run picks the same prompts."""
-    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range((step - 1) * batch, step * batch)]
-
-
-def lr_factor_of(cfg: PPOConfig):
-    """The learning-rate multiplier as a function of the PPO steps done (a plain function, so
-    ``LambdaLR`` keeps it out of its state dict)."""
-    def lr_factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        decay = 1.0 - step / cfg.total_steps if cfg.lr_schedule == "linear" else 1.0
-        return warm * max(decay, 0.0)
-
-    return lr_factor
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,7 +81,7 @@ class Rollout:
     context_len: int  # P: where the replies start
     mask: torch.Tensor  # bool [B, T]: reply tokens up to and including the first EOS
     ended: torch.Tensor  # bool [B]: the reply produced an EOS
-    generation_s: float
+    seconds: dict[str, float] = field(default_factory=dict)  # each phase's time (benchmarks/align_throughput.py)
     # score()
     raw_scores: torch.Tensor | None = None  # [B] the reward model's or rule's scores
     scores: torch.Tensor | None = None  # [B] with the missing-EOS penalty: what PPO optimises
@@ -169,11 +140,12 @@ class PPORecipe:
         if self.ref is not None:
             self.ref.to(self.device)
         self.reward = Reward(cfg, self.device)
-        opt_p = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        opt_v = torch.optim.AdamW([p for p in value.parameters() if p.requires_grad],
-                                  lr=cfg.value_learning_rate or cfg.learning_rate, eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
+        # fused: one kernel per step for all tensors (the TRL stages' default too); FSDP2's sharded
+        # parameters keep torch's default implementation
+        adamw = functools.partial(torch.optim.AdamW, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                  fused=None if self.accelerator.is_fsdp2 else True)
+        opt_p = adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate)
+        opt_v = adamw([p for p in value.parameters() if p.requires_grad], lr=cfg.value_learning_rate or cfg.learning_rate)
         lr_factor = lr_factor_of(cfg)
         self.sched_p = torch.optim.lr_scheduler.LambdaLR(opt_p, lr_factor)
         self.sched_v = torch.optim.lr_scheduler.LambdaLR(opt_v, lr_factor)
@@ -240,12 +212,17 @@ class PPORecipe:
         for step in range(start_step + 1, cfg.total_steps + 1):
             t_step = time.perf_counter()
             rollout = self.rollout(step)
-            self.score(rollout)
-            with cached_lower_blocks(self.feature_caches, rollout.input_ids, rollout.attention_mask, self.pad_id,
-                                     cfg.forward_batch_size, self.accelerator.autocast):
+            with timed(rollout, "reward"):
+                self.score(rollout)
+            with contextlib.ExitStack() as cached:
+                with timed(rollout, "frozen_features"):
+                    cached.enter_context(cached_lower_blocks(self.feature_caches, rollout.input_ids, rollout.attention_mask,
+                                                             self.pad_id, cfg.forward_batch_size, self.accelerator.autocast))
                 self.evaluate_rollout(rollout)
-                self.advantages(rollout)
-                stats = self.update(step, rollout)
+                with timed(rollout, "advantages"):
+                    self.advantages(rollout)
+                with timed(rollout, "update"):
+                    stats = self.update(step, rollout)
             metrics = self.metrics(step, rollout, stats, t_step)
             self.kl_ctl.update(metrics["kl"], cfg.rollout_batch_size * self.world)
             self.log(metrics)  # first, so metrics.jsonl shows the step that diverged
@@ -276,7 +253,7 @@ class PPORecipe:
         responses = torch.where(mask, responses, torch.full_like(responses, pad_id))
         return Rollout(prompts=[self.shard[i] for i in idx], input_ids=torch.cat([queries, responses], dim=1),
                        attention_mask=torch.cat([query_mask, mask.long()], dim=1), context_len=context_len,
-                       mask=mask, ended=ended, generation_s=generation_s)
+                       mask=mask, ended=ended, seconds={"generation": generation_s})
 
     def score(self, rollout: Rollout) -> None:
         """The reward of each reply, and the score PPO optimises (with the missing-EOS penalty)."""
@@ -292,21 +269,27 @@ class PPORecipe:
     @torch.no_grad()
     def evaluate_rollout(self, rollout: Rollout) -> None:
         """Log-probs of the replies under the policy ("old") and the reference, the policy's
-        entropy and the values, in no-grad batches of ``forward_batch_size``."""
+        entropy and the values, in no-grad batches of ``forward_batch_size``, one model at a time."""
         cfg, ids, am, ctx = self.cfg, rollout.input_ids, rollout.attention_mask, rollout.context_len
+        parts = chunks(len(ids), cfg.forward_batch_size)
+
+        def each_part(forward):
+            return [forward(sl) for sl in parts]
+
+        def reference(sl):
+            if self.ref is not None:
+                return response_logprobs(self.ref, ids[sl], am[sl], ctx, cfg.temperature)[0]
+            with self.raw_policy.disable_adapter():  # LoRA: the reference is the policy without its adapter
+                return response_logprobs(self.raw_policy, ids[sl], am[sl], ctx, cfg.temperature)[0]
+
         with self.accelerator.autocast():
-            old_logprobs, ref_logprobs, old_values, entropy = [], [], [], []
-            for sl in chunks(len(ids), cfg.forward_batch_size):
-                lp, ent = response_logprobs(self.raw_policy, ids[sl], am[sl], ctx, cfg.temperature, with_entropy=True)
-                if self.ref is None:  # LoRA: the reference is the policy without its adapter
-                    with self.raw_policy.disable_adapter():
-                        rlp, _ = response_logprobs(self.raw_policy, ids[sl], am[sl], ctx, cfg.temperature)
-                else:
-                    rlp, _ = response_logprobs(self.ref, ids[sl], am[sl], ctx, cfg.temperature)
-                old_logprobs.append(lp), ref_logprobs.append(rlp), entropy.append(ent)
-                old_values.append(response_values(self.raw_value, ids[sl], am[sl], ctx))
-            rollout.old_logprobs, rollout.ref_logprobs = torch.cat(old_logprobs), torch.cat(ref_logprobs)
-            rollout.old_values, rollout.entropy = torch.cat(old_values).float(), torch.cat(entropy)
+            with timed(rollout, "old_logprobs"):
+                old = each_part(lambda sl: response_logprobs(self.raw_policy, ids[sl], am[sl], ctx, cfg.temperature, True))
+            with timed(rollout, "ref_logprobs"):
+                rollout.ref_logprobs = torch.cat(each_part(reference))
+            with timed(rollout, "values"):
+                rollout.old_values = torch.cat(each_part(lambda sl: response_values(self.raw_value, ids[sl], am[sl], ctx))).float()
+        rollout.old_logprobs, rollout.entropy = torch.cat([lp for lp, _ in old]), torch.cat([e for _, e in old])
 
     def advantages(self, rollout: Rollout) -> None:
         """Per-token rewards (KL penalty + the score on the last token), GAE advantages and returns."""
@@ -378,7 +361,8 @@ class PPORecipe:
         }
         step_time = time.perf_counter() - t_step
         local["time/step_s"] = torch.tensor(step_time)
-        local["time/generation_share"] = torch.tensor(r.generation_s / step_time)
+        local["time/generation_share"] = torch.tensor(r.seconds["generation"] / step_time)
+        local.update({f"time/{phase}_s": torch.tensor(seconds) for phase, seconds in r.seconds.items()})
         keys = list(local)
         vec = torch.stack([local[k].detach().float().reshape(()).to(self.device) for k in keys])
         vec = self.accelerator.reduce(vec, reduction="mean") if self.world > 1 else vec
@@ -440,6 +424,14 @@ class PPORecipe:
                   f"KL {run.metrics['kl_last']:.4f}\n  model:   {model_dir}\n  metrics: {metrics_path}")
 
 
+@contextlib.contextmanager
+def timed(rollout: Rollout, phase: str):
+    """Add the time the block takes to ``rollout.seconds[phase]``."""
+    t0 = time.perf_counter()
+    yield
+    rollout.seconds[phase] = rollout.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
 def _mean(values: list[float]) -> torch.Tensor:
     return torch.tensor(sum(values) / len(values))
 
@@ -484,6 +476,8 @@ def summarise(rows: list[dict]) -> dict:
         "entropy_last": rows[-1]["entropy"], "response_length_last": rows[-1]["response_length"],
         "eos_fraction_last": rows[-1]["eos_fraction"],
         "generation_time_share": sum(r["time/generation_share"] for r in rows) / len(rows),
+        "seconds_per_step": {key[5:-2]: sum(r.get(key, 0.0) for r in rows) / len(rows)
+                             for key in rows[-1] if key.startswith("time/") and key.endswith("_s")},
     }
 
 

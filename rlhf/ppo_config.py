@@ -1,5 +1,6 @@
 """The PPO stage's config: :class:`PPOConfig`, the shared training fields
-(:class:`alignkit.training.TrainingConfig`) plus PPO's own, grouped as the recipe uses them.
+(:class:`alignkit.training.TrainingConfig`) plus PPO's own, grouped as the recipe uses them; and
+what follows from the config and the step alone (prompt order, learning-rate factor).
 
 YAML files stay flat (``configs/ppo.yaml``); every key is listed by ``alignkit align ppo --help``
 and in docs/alignment.md.
@@ -7,6 +8,8 @@ and in docs/alignment.md.
 
 from __future__ import annotations
 
+import functools
+import random
 from dataclasses import dataclass, field
 
 from alignkit.config import ConfigError, check_range, doc
@@ -108,3 +111,31 @@ class PPOConfig(TrainingConfig):
             raise ConfigError("ppo: lr_schedule must be 'constant' or 'linear'")
         if self.total_steps < 1 or self.save_steps < 1 or self.ppo_epochs < 1:
             raise ConfigError("ppo: total_steps, save_steps and ppo_epochs must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt order and learning-rate schedule: pure functions of the config and the step
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
+def prompts_for_step(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Indices of the prompts a rank uses at ``step`` (1-based): a stream of seeded shuffles of its
+    shard, one per epoch. Stateless, so a resumed run picks the same prompts."""
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range((step - 1) * batch, step * batch)]
+
+
+def lr_factor_of(cfg: PPOConfig):
+    """The learning-rate multiplier as a function of the PPO steps done (a plain function, so
+    ``LambdaLR`` keeps it out of its state dict)."""
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        decay = 1.0 - step / cfg.total_steps if cfg.lr_schedule == "linear" else 1.0
+        return warm * max(decay, 0.0)
+
+    return lr_factor

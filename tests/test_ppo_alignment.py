@@ -95,7 +95,7 @@ def test_advantages_are_whitened_over_real_tokens_only():
     recipe.kl_ctl = core.FixedKLController(0.05)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
     r = Rollout(prompts=[], input_ids=torch.zeros(3, 8, dtype=torch.long), attention_mask=torch.ones(3, 8),
-                context_len=2, mask=mask, ended=torch.tensor([False, True, True]), generation_s=0.0)
+                context_len=2, mask=mask, ended=torch.tensor([False, True, True]))
     r.scores = torch.tensor([1.0, -2.0, 0.5])
     r.old_logprobs, r.ref_logprobs = torch.randn(3, 6), torch.randn(3, 6)
     r.old_values = torch.randn(3, 6) * 5 + 3
