@@ -30,18 +30,21 @@ their errors and users live in :mod:`alignkit.annotation.argilla_client`.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from alignkit.annotation.argilla_client import ArgillaError, Http, _quiet, ensure_workspace, sdk_client, sdk_errors
 from alignkit.annotation.server import Connection, connect
-from alignkit.config import ConfigError, doc, to_dict
+from alignkit.config import ConfigError, check_range, doc, to_dict
 from alignkit.data import DataError, read_records
 from alignkit.runstore import stage_run
 
@@ -306,7 +309,9 @@ def list_records(http: Http, dataset_id, include_responses: bool = False, page: 
 class PushConfig(DatasetConfig):
     run_dir: str = doc("the annotation run directory; the push manifest goes to <run_dir>/push", "runs/quickstart/annotate")
     candidates: str | None = doc("candidates JSONL; default <run_dir>/candidates/candidates.jsonl", None)
-    batch_size: int = doc("records per bulk request (at most 500)", 100)
+    batch_size: int = doc("records per bulk request (at most 500, the server's limit)", 500)
+    requests_in_flight: int = doc("bulk requests sent at once (each on its own connection): the server indexes one "
+                                  "while it validates and stores the next (docs/annotation.md, Throughput)", 1)
     on_existing: str = doc("records already on the server: 'skip' them or 'update' their fields in place", "skip")
     max_items: int | None = doc("push only the first N candidates (smoke runs)", None)
 
@@ -327,6 +332,7 @@ def push(cfg: PushConfig, conn: Connection | None = None, on_batch: Callable[[in
         raise ConfigError(f"on_existing: expected skip or update, got {cfg.on_existing!r}")
     if not 1 <= cfg.batch_size <= 500:
         raise ConfigError("batch_size must be between 1 and 500")
+    check_range(cfg, 1, "requests_in_flight")
     cands = load_candidates(cfg.candidates_path())
     if cfg.max_items:
         cands = cands[: cfg.max_items]
@@ -347,14 +353,36 @@ def push(cfg: PushConfig, conn: Connection | None = None, on_batch: Callable[[in
         todo = records if cfg.on_existing == "update" else [r for r in records if r["external_id"] not in existing]
         t0 = time.time()
         sent = 0
-        with tqdm(total=len(todo), desc=f"pushing to {cfg.name()}", unit="rec", disable=None if todo else True) as bar:
-            for start in range(0, len(todo), cfg.batch_size):
-                batch = todo[start : start + cfg.batch_size]
-                http.put(f"/api/v1/datasets/{ds.id}/records/bulk", json={"items": batch})
-                sent += len(batch)
-                bar.update(len(batch))
-                if on_batch:
-                    on_batch(sent, len(todo))
+        batches = [todo[start : start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
+        connection = threading.local()  # a requests session is not meant to be shared between threads
+
+        def send(batch: list[dict]) -> int:
+            if not hasattr(connection, "http"):
+                connection.http = Http(conn)
+            connection.http.put(f"/api/v1/datasets/{ds.id}/records/bulk", json={"items": batch})
+            return len(batch)
+
+        def done(n: int) -> None:
+            nonlocal sent
+            sent += n
+            bar.update(n)
+            if on_batch:
+                on_batch(sent, len(todo))
+
+        with (tqdm(total=len(todo), desc=f"pushing to {cfg.name()}", unit="rec", disable=None if todo else True) as bar,
+              ThreadPoolExecutor(cfg.requests_in_flight) as pool):
+            in_flight: collections.deque = collections.deque()
+            try:
+                for batch in batches:  # at most requests_in_flight sent and not yet answered
+                    in_flight.append(pool.submit(send, batch))
+                    if len(in_flight) == cfg.requests_in_flight:
+                        done(in_flight.popleft().result())
+                while in_flight:
+                    done(in_flight.popleft().result())
+            except BaseException:  # a failure or an interrupt sends nothing more
+                for future in in_flight:
+                    future.cancel()
+                raise
         elapsed = time.time() - t0
         n_on_server = sum(1 for _ in list_records(http, ds.id))
         run.metrics.update({

@@ -1,11 +1,14 @@
 """Annotation I/O benchmark: push and pull records/s (batched vs one at a time) against a real
 Argilla, and agreement time on a synthetic 100,000 items x 5 annotators table.
 
-    python benchmarks/annotation_io.py [--records 2000] [--single 200] [--items 100000] [--annotators 5]
+    python benchmarks/annotation_io.py [--records 2000] [--single 200] [--settings 100x1,500x1,500x2,500x4]
+                                       [--items 100000] [--annotators 5]
 
 Uses ARGILLA_API_URL + ARGILLA_API_KEY when set, else starts a throwaway local server (its own state
 dir, the shared server venv) and stops it at the end. Prints figures and the batched / one-at-a-time
-ratios measured in this run (absolute times on shared machines are noisy; ratios less so).
+ratios measured in this run (absolute times on shared machines are noisy; ratios less so), what
+the push costs on the client side (building and encoding the records), and appends a JSON line to
+benchmarks/results/annotation_io.jsonl.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+RESULTS = Path(__file__).resolve().parent / "results" / "annotation_io.jsonl"
+# bulk push settings timed by default: records per request x requests in flight
+PUSH_SETTINGS = [(100, 1), (500, 1), (500, 2), (500, 4)]
 
 
 def candidates(path: Path, n: int, prefix: str) -> None:
@@ -31,15 +37,32 @@ def candidates(path: Path, n: int, prefix: str) -> None:
                                 "responses": [f"A {words}", f"B {words}"]}) + "\n")
 
 
-def bench_push(conn, tmp: Path, name: str, n: int, batch_size: int) -> float:
+def bench_push(conn, tmp: Path, name: str, n: int, batch_size: int, in_flight: int = 1) -> float:
     from alignkit.annotation.datasets import PushConfig, push
 
     run = tmp / name
     (run / "candidates").mkdir(parents=True)
     candidates(run / "candidates" / "candidates.jsonl", n, name)
-    m = push(PushConfig(run_dir=str(run), dataset=name, workspace="bench", batch_size=batch_size), conn=conn)
-    assert m["metrics"]["n_created"] == n
+    m = push(PushConfig(run_dir=str(run), dataset=name, workspace="bench", batch_size=batch_size,
+                        requests_in_flight=in_flight), conn=conn)
+    assert m["metrics"]["n_created"] == n and m["metrics"]["n_records_on_server"] == n
     return m["metrics"]["records_per_s"]
+
+
+def client_side_cost(tmp: Path, n: int) -> dict:
+    """What the push does before the server sees a byte: building the records' payloads and
+    encoding them as JSON, per record."""
+    from alignkit.annotation.datasets import DatasetConfig, build_record, load_candidates
+
+    candidates(tmp / "client.jsonl", n, "client")
+    cands = load_candidates(tmp / "client.jsonl")
+    t0 = time.perf_counter()
+    records = [build_record(c, DatasetConfig(dataset="client")) for c in cands]
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    body = json.dumps({"items": records})
+    t_json = time.perf_counter() - t0
+    return {"build_records_per_s": n / t_build, "json_records_per_s": n / t_json, "bytes_per_record": len(body) / n}
 
 
 def add_responses(conn, dataset: str, users: list) -> int:
@@ -94,7 +117,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--records", type=int, default=2000, help="records pushed / pulled in batches")
     ap.add_argument("--single", type=int, default=200, help="records pushed / pulled one at a time")
-    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--settings", default=",".join(f"{b}x{f}" for b, f in PUSH_SETTINGS),
+                    help="bulk push settings to time, BATCHxIN_FLIGHT (records per request x requests at once)")
     ap.add_argument("--items", type=int, default=100_000, help="items of the synthetic agreement table")
     ap.add_argument("--annotators", type=int, default=5)
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -105,6 +129,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
+    record: dict = {"date": time.strftime("%Y-%m-%d"), "records": args.records, "single": args.single}
     if not args.skip_server:
         from alignkit.annotation import server
         from alignkit.annotation.argilla_client import ensure_user, sdk_client
@@ -121,20 +146,30 @@ def main() -> int:
                 print(f"local Argilla server up in {time.perf_counter() - t0:.1f} s")
             try:
                 stamp = str(int(time.time()))
-                batched = bench_push(conn, tmp, f"bench-batched-{stamp}", args.records, args.batch_size)
+                cost = client_side_cost(tmp, args.records)
+                print(f"push  client side: records built at {cost['build_records_per_s']:,.0f}/s, JSON-encoded at "
+                      f"{cost['json_records_per_s']:,.0f}/s, {cost['bytes_per_record']:.0f} bytes each")
                 single = bench_push(conn, tmp, f"bench-single-{stamp}", args.single, 1)
-                print(f"push  batched ({args.batch_size}/request, {args.records} records): {batched:8.1f} records/s")
-                print(f"push  one at a time ({args.single} records):            {single:8.1f} records/s")
-                print(f"push  ratio batched / one at a time:                 {batched / single:8.1f}x")
+                print(f"push  one at a time ({args.single} records):                  {single:8.1f} records/s")
+                record["push"] = {"one_at_a_time": single, "client": cost, "batched": []}
+                for setting in args.settings.split(","):
+                    batch_size, in_flight = (int(x) for x in setting.split("x"))
+                    rate = bench_push(conn, tmp, f"bench-b{batch_size}-f{in_flight}-{stamp}", args.records, batch_size,
+                                      in_flight)
+                    record["push"]["batched"].append({"batch_size": batch_size, "in_flight": in_flight, "records_per_s": rate})
+                    print(f"push  {batch_size:3d}/request, {in_flight} in flight ({args.records} records): {rate:8.1f} "
+                          f"records/s, {rate / single:5.1f}x one at a time")
+                stamp_batched = f"bench-b{batch_size}-f{in_flight}-{stamp}"  # the last setting's: pulled below
                 client = sdk_client(conn)
                 users = [ensure_user(client, f"bench-ann-{i}", workspace="bench")[0] for i in range(3)]
-                add_responses(conn, f"bench-batched-{stamp}", users)
+                add_responses(conn, stamp_batched, users)
                 add_responses(conn, f"bench-single-{stamp}", users)
-                pb, rows_b = bench_pull(conn, tmp, f"bench-batched-{stamp}", 1000)
+                pb, rows_b = bench_pull(conn, tmp, stamp_batched, 1000)
                 ps, rows_s = bench_pull(conn, tmp, f"bench-single-{stamp}", 1)
                 print(f"pull  pages of 1000 ({args.records} records, {rows_b} rows):  {pb:8.1f} records/s")
                 print(f"pull  pages of 1 ({args.single} records, {rows_s} rows):       {ps:8.1f} records/s")
                 print(f"pull  ratio paged / one at a time:                   {pb / ps:8.1f}x")
+                record["pull"] = {"paged": pb, "one_at_a_time": ps}
             finally:
                 if cfg is not None:
                     server.down(cfg)
@@ -143,6 +178,10 @@ def main() -> int:
     print(f"agreement {args.items} items x {args.annotators} annotators ({r['rows']} rows, {args.bootstrap} bootstrap): "
           f"{r['agreement_s']:.2f} s (building the rows {r['build_s']:.2f} s); kappa {r['kappa']:.3f} "
           f"CI [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]")
+    record["agreement"] = r
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(record) + "\n")
     return 0
 
 

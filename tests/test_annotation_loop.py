@@ -85,7 +85,7 @@ def test_whole_loop_through_the_cli(tmp_path, conn, argilla_env, capsys):
     common = ["--config", str(ROOT / "configs" / "annotate.yaml"), f"run_dir={run}", "dataset=loop-binary",
               "workspace=loop"]
     t0 = time.time()
-    assert run_cli("push", *common, "batch_size=4") == 0
+    assert run_cli("push", *common, "batch_size=4", "requests_in_flight=3") == 0  # three bulk requests at once
     first = json.loads((run / "push" / "manifest.json").read_text())
     assert first["status"] == "completed" and first["metrics"]["n_created"] == 10
     assert run_cli("push", *common) == 0  # again: nothing new, nothing duplicated
