@@ -48,7 +48,11 @@ class SFTStageConfig(TrainerConfig):
     heldout_fraction: float = doc("fraction of prompts held out as the test set: read only by the final evaluation", 0.1)
     extra_heldout: str | None = doc("another prompt file to be checked for leakage into the training data", None)
     # loss
-    packing: bool = doc("pack several examples into one sequence of max_length tokens", False)
+    packing: bool | None = doc("lay the examples of a batch end to end in one row, without padding (TRL's padding-free "
+                               "best-fit packing); pays only with a variable-length attention kernel: null = on with "
+                               "attn_implementation flash_attention_2/3, off otherwise (docs/foundation.md, Packing)", None)
+    attn_implementation: str | None = doc("transformers attention kernel: sdpa, eager, flash_attention_2 (CUDA, needs "
+                                          "flash-attn), flex_attention ...; null = transformers' default (sdpa)", None)
     completion_only_loss: bool = doc("compute the loss on the reply only, not on the prompt", True)
     # run
     output_dir: str = doc("this stage's run directory", "runs/quickstart/sft")
@@ -119,6 +123,21 @@ def prompt_records(examples: list[dict], prefix: str) -> list[dict]:
             for i, e in enumerate(examples) if "prompt" in e]
 
 
+def use_packing(setting: bool | None, attention: str) -> bool:
+    """``packing`` resolved for the model's attention kernel: None means on with a variable-length
+    kernel (flash attention), off otherwise. Packing on a dense kernel (sdpa, eager) is honoured,
+    with a warning: the packed row gets a block-diagonal mask over its whole length, so attention
+    costs grow with the square of the row instead of each example's."""
+    varlen = "flash" in attention  # flash_attention_2/3, and the Hub's flash kernels
+    if setting is None:
+        return varlen
+    if setting and not varlen:
+        log.warning("sft: packing with attention %r: a packed row is attended with a dense block-diagonal mask, which "
+                    "can cost more than the padding it saves (on CPU it trained slower than padded batches); packing "
+                    "pays with attn_implementation=flash_attention_2 on CUDA (docs/foundation.md, Packing)", attention)
+    return setting
+
+
 def _messages_only(examples: list[dict]):
     from datasets import Dataset
 
@@ -181,7 +200,9 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config)
+            model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config,
+            **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}))
+        run.notes["packing"] = packing = use_packing(cfg.packing, model.config._attn_implementation)
         match_tokenizer(model, tokenizer)
         if cfg.trainable_layers is not None:  # (never with LoRA: these counts precede PEFT's wrapping)
             run.notes["parameters"] = freeze_lower_layers(model, cfg.trainable_layers)
@@ -189,7 +210,7 @@ def train(cfg: SFTStageConfig, force: bool = False) -> dict:
         if cfg.lora.enabled or cfg.qlora:
             peft_config = lora_config(cfg.lora, "CAUSAL_LM")
 
-        args = SFTConfig(**trainer_arguments(cfg, out, bf16), packing=cfg.packing,
+        args = SFTConfig(**trainer_arguments(cfg, out, bf16), packing=packing,
                          completion_only_loss=cfg.completion_only_loss, disable_tqdm=False)
         score_only_labelled_tokens_on_cpu()
         trainer = SFTTrainer(

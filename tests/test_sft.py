@@ -4,6 +4,7 @@ malformed input, LoRA, and two real processes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -125,11 +126,27 @@ def test_sft_trainable_layers_trains_only_the_top_block(tmp_path, tiny_model, re
             from_dict(SFTStageConfig, {"trainable_layers": 1, **alternative})
 
 
-def test_sft_packing_trains(tmp_path, tiny_model, real_data):
+def test_sft_packing_trains_and_warns_on_a_dense_attention_kernel(tmp_path, tiny_model, real_data, caplog):
     data = real_data / "alpaca_libre" / "alpaca_libre_ok_400.json"
-    assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=3",
-               "save_steps=100", "packing=true") == 0
-    assert read_manifest(tmp_path / "sft")["status"] == "completed"
+    with caplog.at_level(logging.WARNING, logger="alignkit.sft"):
+        assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=3",
+                   "save_steps=100", "packing=true") == 0
+    m = read_manifest(tmp_path / "sft")
+    assert m["status"] == "completed" and m["notes"]["packing"] is True
+    assert "dense block-diagonal mask" in caplog.text  # sdpa on CPU: packing is honoured, with a warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="alignkit.sft"):  # the default: off with sdpa
+        assert sft(tmp_path, tiny_model, data, "on_bad_record=drop", "max_examples=40", "max_steps=3",
+                   "save_steps=100", out="default") == 0
+    assert read_manifest(tmp_path / "default")["notes"]["packing"] is False and "block-diagonal" not in caplog.text
+
+
+def test_packing_defaults_to_on_with_variable_length_attention_only():
+    from alignkit.sft.train import use_packing
+
+    assert use_packing(None, "flash_attention_2") and use_packing(None, "kernels-community/flash-attn3")
+    assert not use_packing(None, "sdpa") and not use_packing(None, "eager")
+    assert use_packing(True, "sdpa") and not use_packing(False, "flash_attention_2")  # a setting is honoured
 
 
 def test_qlora_without_cuda_is_a_clear_error(tmp_path, tiny_model, real_data):
