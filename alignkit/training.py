@@ -303,8 +303,8 @@ def stage_callbacks(cfg: TrainingConfig, out: Path, stage: str) -> list:
 def no_final_checkpoint():
     """Skip the checkpoint transformers writes after the last step when that step is not one of
     every ``save_steps``: the stage saves the trained model itself right after training, and that
-    checkpoint (weights and optimiser states: three times the model's size with AdamW) was a fifth
-    of a 20-step SmolLM2 SFT run's training time here. A crash between the end of training and the
+    checkpoint (weights and optimiser states: three times the model's size with AdamW) was 18% of
+    a 10-step SmolLM2 SFT run's training loop in a py-spy profile (docs/foundation.md, Speed). A crash between the end of training and the
     saved model resumes from the last periodic checkpoint instead, to the same weights."""
     from transformers import TrainerCallback
 

@@ -310,8 +310,8 @@ class PushConfig(DatasetConfig):
     run_dir: str = doc("the annotation run directory; the push manifest goes to <run_dir>/push", "runs/quickstart/annotate")
     candidates: str | None = doc("candidates JSONL; default <run_dir>/candidates/candidates.jsonl", None)
     batch_size: int = doc("records per bulk request (at most 500, the server's limit)", 500)
-    requests_in_flight: int = doc("bulk requests sent at once (each on its own connection): the server indexes one "
-                                  "while it validates and stores the next (docs/annotation.md, Throughput)", 1)
+    requests_in_flight: int = doc("bulk requests sent at once (each on its own connection); no gain measured on the "
+                                  "local server, which takes one at a time (docs/annotation.md, Throughput)", 1)
     on_existing: str = doc("records already on the server: 'skip' them or 'update' their fields in place", "skip")
     max_items: int | None = doc("push only the first N candidates (smoke runs)", None)
 
